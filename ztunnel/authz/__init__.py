@@ -1,0 +1,1 @@
+"""Identity-based L4 authorization: the policy model, its parsing and the decision engine."""

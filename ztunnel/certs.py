@@ -1,0 +1,182 @@
+"""Where workload certificates come from, and the cache that keeps them fresh.
+
+`CertificateSource` is the seam: the built-in CA (`LocalCaSource`) now, Istio's CA over gRPC
+later. `CertificateManager` issues on demand (single-flight per identity), renews at half-life
+and backs off exponentially on failure while the still-valid certificate stays in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ztunnel.ca import CertificateAuthority, IssuedCertificate
+from ztunnel.errors import CertificateError, ZtunnelError
+from ztunnel.identity import SpiffeId
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 150.0
+
+
+class CertificateSource(Protocol):
+    """Anything that can produce a certificate for an identity."""
+
+    async def fetch(self, identity: SpiffeId) -> IssuedCertificate: ...
+
+
+class LocalCaSource:
+    """Signs with a CA held by this agent (`ztunnel run --ca-dir`)."""
+
+    def __init__(self, ca: CertificateAuthority, ttl: dt.timedelta | None = None) -> None:
+        self.ca = ca
+        self.ttl = ttl
+
+    async def fetch(self, identity: SpiffeId) -> IssuedCertificate:
+        if identity.trust_domain != self.ca.trust_domain:
+            raise CertificateError(
+                f"identity {identity} is outside this CA's trust domain {self.ca.trust_domain}"
+            )
+        if self.ttl is not None:
+            return self.ca.issue(identity, ttl=self.ttl)
+        return self.ca.issue(identity)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class _Entry:
+    cert: IssuedCertificate | None = None
+    pending: asyncio.Future[IssuedCertificate] | None = None
+    renewer: asyncio.Task[None] | None = None
+    failures: int = 0
+    last_error: str | None = None
+    listeners: list[Callable[[IssuedCertificate], None]] = field(default_factory=list)
+
+
+class CertificateManager:
+    """Caches one certificate per identity and renews it in the background."""
+
+    def __init__(
+        self,
+        source: CertificateSource,
+        now: Callable[[], dt.datetime] = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.source = source
+        self._now = now
+        self._rng = rng or random.Random()
+        self._entries: dict[SpiffeId, _Entry] = {}
+        self._closed = False
+
+    def cached(self, identity: SpiffeId) -> IssuedCertificate | None:
+        entry = self._entries.get(identity)
+        if entry and entry.cert and entry.cert.not_after > self._now():
+            return entry.cert
+        return None
+
+    def on_renewed(self, identity: SpiffeId, callback: Callable[[IssuedCertificate], None]) -> None:
+        self._entries.setdefault(identity, _Entry()).listeners.append(callback)
+
+    async def get(self, identity: SpiffeId) -> IssuedCertificate:
+        """A valid certificate for `identity`, fetched at most once at a time."""
+        cert = self.cached(identity)
+        if cert is not None:
+            return cert
+        entry = self._entries.setdefault(identity, _Entry())
+        if entry.pending is None:
+            entry.pending = asyncio.get_running_loop().create_future()
+            pending = entry.pending
+            try:
+                cert = await self._fetch(identity)
+            except BaseException as e:
+                entry.pending = None
+                entry.last_error = str(e)
+                if not pending.done():
+                    pending.set_exception(
+                        e if isinstance(e, ZtunnelError) else CertificateError(str(e))
+                    )
+                    pending.exception()  # mark retrieved: waiters may not exist
+                raise
+            entry.pending = None
+            self._store(identity, entry, cert)
+            pending.set_result(cert)
+            return cert
+        return await asyncio.shield(entry.pending)
+
+    async def _fetch(self, identity: SpiffeId) -> IssuedCertificate:
+        try:
+            return await self.source.fetch(identity)
+        except ZtunnelError:
+            raise
+        except Exception as e:  # a source's foreign error, translated here
+            raise CertificateError(f"certificate for {identity}: {e}") from e
+
+    def _store(self, identity: SpiffeId, entry: _Entry, cert: IssuedCertificate) -> None:
+        entry.cert = cert
+        entry.failures = 0
+        entry.last_error = None
+        for cb in list(entry.listeners):
+            cb(cert)
+        if entry.renewer is None and not self._closed:
+            entry.renewer = asyncio.get_running_loop().create_task(
+                self._renew_loop(identity, entry), name=f"cert-renew:{identity}"
+            )
+
+    def renew_at(self, cert: IssuedCertificate) -> dt.datetime:
+        """Half-life, as Istio does."""
+        return cert.not_before + (cert.not_after - cert.not_before) / 2
+
+    def backoff(self, failures: int) -> float:
+        base = min(BACKOFF_MAX, BACKOFF_START * (2 ** max(0, failures - 1)))
+        return base * self._rng.uniform(0.5, 1.0)
+
+    async def _renew_loop(self, identity: SpiffeId, entry: _Entry) -> None:
+        while not self._closed:
+            assert entry.cert is not None
+            delay = (self.renew_at(entry.cert) - self._now()).total_seconds()
+            if entry.failures:
+                delay = self.backoff(entry.failures)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                cert = await self._fetch(identity)
+            except CertificateError as e:
+                entry.failures += 1
+                entry.last_error = str(e)
+                log.warning("certificate renewal for %s failed (attempt %d): %s",
+                            identity, entry.failures, e)
+                continue
+            self._store(identity, entry, cert)
+            log.info("renewed certificate for %s, valid until %s", identity, cert.not_after)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """For the admin API: every cached identity with its validity and state."""
+        out: list[dict[str, object]] = []
+        for ident, e in sorted(self._entries.items()):
+            out.append(
+                {
+                    "identity": ident.uri,
+                    "state": "available" if e.cert else ("pending" if e.pending else "missing"),
+                    "not_before": e.cert.not_before.isoformat() if e.cert else None,
+                    "not_after": e.cert.not_after.isoformat() if e.cert else None,
+                    "renew_at": self.renew_at(e.cert).isoformat() if e.cert else None,
+                    "last_error": e.last_error,
+                }
+            )
+        return out
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [e.renewer for e in self._entries.values() if e.renewer]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
