@@ -13,7 +13,7 @@ import collections
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from ztunnel.errors import ConnectRejected, HboneError
 from ztunnel.hbone import protocol as p
@@ -210,9 +210,9 @@ class HboneConnection(asyncio.Protocol):
     # ---- asyncio.Protocol ----
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # uvloop's SSL transport is not an asyncio.Transport subclass, but behaves as one.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._flush()
         self._keepalive = self.loop.call_later(KEEPALIVE_TICK, self._tick)
 

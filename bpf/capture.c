@@ -1,0 +1,210 @@
+/* Transparent TCP capture for the node agent: tc (SCHED_CLS, direct-action) programs that hand
+ * packets of enrolled pods to the agent's IP_TRANSPARENT listeners with bpf_sk_assign.
+ *
+ * Attach points, both at tc *ingress* of an interface in the node network namespace:
+ *   capture_pod    node side of every pod veth (ingress there = packets leaving the pod);
+ *   capture_uplink the node's uplink (packets arriving from other nodes).
+ *
+ * How a packet is captured (the sk_assign recipe of shared/PLATFORM.md): look up a socket of
+ * the node namespace for the packet's 4-tuple (bpf_skc_lookup_tcp). A non-listening socket
+ * (established, SYN-RECV, TIME-WAIT, or the agent's own spoofed-source SYN-SENT socket) gets
+ * the packet; a new connection (a bare SYN) gets the right agent listener taken from the
+ * `listeners` sockmap. The packet is then marked with CAPTURE_MARK so that the node's policy
+ * routing (`ip rule fwmark CAPTURE_MARK lookup T` + `local 0.0.0.0/0 dev lo table T`) delivers
+ * it locally instead of forwarding it; the accepted socket keeps the original destination as
+ * its local address, which is how the agent learns it (getsockname()).
+ *
+ * Fail mode, when the listener slot is empty (the agent is not running: closing a socket
+ * removes it from a sockmap):
+ *   FAIL_CLOSED (default) the SYN is dropped, so an enrolled pod never talks in plaintext past
+ *                         the agent, and nothing reaches an enrolled pod around the agent;
+ *   FAIL_OPEN             the SYN passes untouched and the connection goes direct.
+ * Only new connections are affected: a non-SYN segment without a socket always passes, so
+ * connections that existed before a pod was enrolled keep working.
+ *
+ * Everything the programs do not capture is returned with TC_ACT_UNSPEC, which lets the next
+ * filter of the same clsact hook (a primary CNI's program) run; captured packets end the
+ * chain with TC_ACT_OK because a later redirect would undo the socket assignment.
+ *
+ * Configuration comes only from -D flags (see ztunnel/capture/bpf.py): CAPTURE_MARK,
+ * HBONE_PORT, MAX_PODS, MAX_NODE_ADDRS, and PIN_DIR (a string; when set, every map is pinned
+ * there, and reused if already pinned, so a restarted agent finds the live state).
+ * IPv4 only: IPv6 packets are never captured.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+
+#ifndef CAPTURE_MARK
+#error "CAPTURE_MARK must be given with -DCAPTURE_MARK=<mark>"
+#endif
+#ifndef HBONE_PORT
+#define HBONE_PORT 15008
+#endif
+#ifndef MAX_PODS
+#define MAX_PODS 4096
+#endif
+#ifndef MAX_NODE_ADDRS
+#define MAX_NODE_ADDRS 64
+#endif
+
+/* Sockmap slots; keep in sync with ListenerSlot in ztunnel/capture/bpf.py. */
+#define SLOT_OUTBOUND 0
+#define SLOT_INBOUND 1
+#define SLOT_HBONE 2
+#define SLOT_COUNT 3
+
+/* Config array slots; keep in sync with ConfigSlot in ztunnel/capture/bpf.py. */
+#define CONFIG_FAIL_MODE 0
+#define CONFIG_COUNT 4
+#define FAIL_CLOSED 0
+#define FAIL_OPEN 1
+
+/* Value of the enrolled-pods map, keyed by the pod's IPv4 address (network byte order). */
+struct pod_info {
+    u32 host_ifindex; /* node side of the pod's veth, for diagnostics */
+    u32 flags;        /* reserved */
+};
+
+#ifdef PIN_DIR
+#define CAPTURE_TABLE(_type, _key, _leaf, _name, _max) \
+    BPF_TABLE_PINNED(_type, _key, _leaf, _name, _max, PIN_DIR "/" #_name)
+#else
+#define CAPTURE_TABLE(_type, _key, _leaf, _name, _max) BPF_TABLE(_type, _key, _leaf, _name, _max)
+#endif
+
+CAPTURE_TABLE("hash", u32, struct pod_info, enrolled_pods, MAX_PODS);
+CAPTURE_TABLE("hash", u32, u32, node_addrs, MAX_NODE_ADDRS);
+CAPTURE_TABLE("array", u32, u32, capture_config, CONFIG_COUNT);
+/* bcc 0.26: BPF_SOCKMAP has no lookup in C; a plain sockmap table does (PLATFORM.md). */
+CAPTURE_TABLE("sockmap", u32, u32, listeners, SLOT_COUNT);
+
+struct flow {
+    struct bpf_sock_tuple tuple; /* addresses and ports in network byte order */
+    int syn;                     /* SYN without ACK: the first packet of a connection */
+};
+
+/* Parses Ethernet/IPv4/TCP; returns 0 for anything else (and for non-first fragments). */
+static __always_inline int parse_flow(struct __sk_buff *skb, struct flow *f)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end || eth->h_proto != htons(ETH_P_IP))
+        return 0;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
+        return 0;
+    if (ip->frag_off & htons(0x1fff)) /* IP_OFFSET: no TCP header in this fragment */
+        return 0;
+    struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
+    if ((void *)(tcp + 1) > data_end)
+        return 0;
+    f->tuple.ipv4.saddr = ip->saddr;
+    f->tuple.ipv4.daddr = ip->daddr;
+    f->tuple.ipv4.sport = tcp->source;
+    f->tuple.ipv4.dport = tcp->dest;
+    f->syn = tcp->syn && !tcp->ack;
+    return 1;
+}
+
+static __always_inline int is_enrolled(u32 addr)
+{
+    return enrolled_pods.lookup(&addr) != NULL;
+}
+
+static __always_inline int is_node_addr(u32 addr)
+{
+    return node_addrs.lookup(&addr) != NULL;
+}
+
+static __always_inline int fail_verdict(void)
+{
+    u32 key = CONFIG_FAIL_MODE;
+    u32 *mode = capture_config.lookup(&key);
+    if (mode && *mode == FAIL_OPEN)
+        return TC_ACT_UNSPEC;
+    return TC_ACT_SHOT;
+}
+
+/* Gives the packet to a non-listening socket of its own 4-tuple, if there is one.
+ * Returns 1 when assigned, 0 when no such socket, -1 when the assignment failed.
+ * Listening sockets are skipped: a 0.0.0.0 listener matches any destination address, and a
+ * new connection must go to the agent listener chosen by direction, not to whatever
+ * happens to listen on the destination port in the node namespace. */
+static __always_inline int assign_existing(struct __sk_buff *skb, struct flow *f)
+{
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &f->tuple, sizeof(f->tuple.ipv4),
+                                             BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return 0;
+    int ret = 0;
+    if (sk->state != BPF_TCP_LISTEN)
+        ret = bpf_sk_assign(skb, sk, 0) == 0 ? 1 : -1;
+    bpf_sk_release(sk);
+    return ret;
+}
+
+/* Gives a new connection's SYN to the agent listener in `slot`, or applies the fail mode. */
+static __always_inline int assign_listener(struct __sk_buff *skb, u32 slot)
+{
+    struct bpf_sock *sk = (struct bpf_sock *)listeners.lookup(&slot);
+    if (!sk)
+        return fail_verdict();
+    long err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (err)
+        return fail_verdict();
+    skb->mark |= CAPTURE_MARK;
+    return TC_ACT_OK;
+}
+
+/* A packet that is part of the mesh: existing socket first, then a listener for a SYN. */
+static __always_inline int capture(struct __sk_buff *skb, struct flow *f, u32 slot)
+{
+    int found = assign_existing(skb, f);
+    if (found > 0) {
+        skb->mark |= CAPTURE_MARK;
+        return TC_ACT_OK;
+    }
+    if (!f->syn)
+        return TC_ACT_UNSPEC;
+    if (found < 0)
+        return fail_verdict();
+    return assign_listener(skb, slot);
+}
+
+static __always_inline u32 inbound_slot(struct flow *f)
+{
+    return f->tuple.ipv4.dport == htons(HBONE_PORT) ? SLOT_HBONE : SLOT_INBOUND;
+}
+
+/* Node side of a pod veth, tc ingress: packets that leave a pod of this node. */
+int capture_pod(struct __sk_buff *skb)
+{
+    struct flow f = {};
+    if (!parse_flow(skb, &f))
+        return TC_ACT_UNSPEC;
+    /* Node addresses are never captured: kubelet probes and their replies go direct. */
+    if (is_node_addr(f.tuple.ipv4.daddr) || is_node_addr(f.tuple.ipv4.saddr))
+        return TC_ACT_UNSPEC;
+    if (is_enrolled(f.tuple.ipv4.saddr))
+        return capture(skb, &f, SLOT_OUTBOUND);
+    if (is_enrolled(f.tuple.ipv4.daddr))
+        return capture(skb, &f, inbound_slot(&f));
+    return TC_ACT_UNSPEC;
+}
+
+/* The node's uplink, tc ingress: packets from other nodes. */
+int capture_uplink(struct __sk_buff *skb)
+{
+    struct flow f = {};
+    if (!parse_flow(skb, &f))
+        return TC_ACT_UNSPEC;
+    if (is_node_addr(f.tuple.ipv4.saddr) || !is_enrolled(f.tuple.ipv4.daddr))
+        return TC_ACT_UNSPEC;
+    return capture(skb, &f, inbound_slot(&f));
+}

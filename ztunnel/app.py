@@ -1,0 +1,301 @@
+"""The composition root: builds the node agent from `Settings` and runs it.
+
+Everything is created here and passed down (store, certificates, pool, tracker, proxies,
+listeners); nothing below reads globals. `Agent.start()` brings it up, `Agent.drain()` takes
+it down gracefully (stop accepting, GOAWAY, grace period, cancel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ztunnel.ca import CertificateAuthority
+from ztunnel.certs import CertificateManager, CertificateSource, LocalCaSource
+from ztunnel.config import Settings
+from ztunnel.errors import ConfigError, ZtunnelError
+from ztunnel.hbone.pool import HbonePool
+from ztunnel.hbone.server import HboneServer
+from ztunnel.hbone.tls import ContextCache
+from ztunnel.identity import SpiffeId
+from ztunnel.localconfig import fingerprint, load_mesh_state
+from ztunnel.model import IPAddress
+from ztunnel.proxy.context import ProxyContext
+from ztunnel.proxy.inbound import InboundProxy
+from ztunnel.proxy.outbound import OutboundProxy
+from ztunnel.proxy.records import ConnectionTracker, Observer
+from ztunnel.proxy.relay import TcpEnd
+from ztunnel.proxy.sockets import listen, original_destination
+from ztunnel.proxy.socks5 import Socks5Server
+from ztunnel.state import MeshState, WorkloadStore
+
+log = logging.getLogger("ztunnel")
+
+
+@dataclass
+class Listener:
+    kind: str  # outbound | inbound | hbone | socks5
+    address: tuple[str, int]
+    sock: socket.socket
+    server: asyncio.AbstractServer | None = None
+
+
+@dataclass
+class AgentParts:
+    """Optional pieces that later layers plug in (telemetry, authorization, capture)."""
+
+    observer: Observer | None = None
+    certificate_source: CertificateSource | None = None
+    on_state: list[Callable[[MeshState, MeshState], None]] = field(default_factory=list)
+
+
+def _ip(value: str) -> IPAddress:
+    return ipaddress.ip_address(value)
+
+
+class Agent:
+    def __init__(self, settings: Settings, parts: AgentParts | None = None) -> None:
+        self.settings = settings
+        parts = parts or AgentParts()
+        self.store = WorkloadStore()
+        self.tracker = ConnectionTracker(parts.observer)
+        source = parts.certificate_source or self._certificate_source()
+        self.certs = CertificateManager(source)
+        self.contexts = ContextCache(settings.allow_tls12)
+        self._parts = parts
+        self.listeners: dict[tuple[str, str], Listener] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
+        self.draining = False
+        self._drain_task: asyncio.Future[None] | None = None
+        self.pool: HbonePool
+        self.ctx: ProxyContext
+        self.hbone: HboneServer
+
+    def _certificate_source(self) -> CertificateSource:
+        s = self.settings
+        try:
+            ca = CertificateAuthority.load(s.ca_dir)
+        except ZtunnelError as e:
+            raise ConfigError("--ca-dir", s.ca_dir, str(e)) from None
+        if ca.trust_domain != s.trust_domain:
+            log.warning("CA in %s is for trust domain %s, agent uses %s",
+                        s.ca_dir, ca.trust_domain, s.trust_domain)
+        return LocalCaSource(ca)
+
+    # ---- state ----
+
+    def load_state(self) -> None:
+        """Initial load; a bad file raises ConfigError (the CLI exits non-zero)."""
+        state = load_mesh_state(self.settings.local_xds_path)
+        self._replace_state(state)
+
+    def _replace_state(self, state: MeshState) -> None:
+        self.store.replace(state)
+
+    async def _watch_file(self) -> None:
+        path = self.settings.local_xds_path
+        last = fingerprint(path)
+        while True:
+            await asyncio.sleep(self.settings.reload_interval)
+            now = fingerprint(path)
+            if now == last:
+                continue
+            last = now
+            try:
+                state = load_mesh_state(path)
+            except ConfigError as e:
+                self.store.record_error(str(e))
+                log.error("mesh state reload failed, keeping the previous state: %s", e)
+                continue
+            self._replace_state(state)
+            log.info("mesh state reloaded from %s: %d workloads, %d services, %d policies",
+                     path, len(state.workloads), len(state.services), len(state.policies))
+
+    def local_identity(self, ip: IPAddress) -> SpiffeId | None:
+        wl = self.ctx.local_workload(ip)
+        return wl.identity if wl else None
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        s = self.settings
+        if not self.store.loaded:
+            self.load_state()
+        transparent = s.capture == "ebpf"
+        self.pool = HbonePool(
+            self.certs, self.contexts, s.connect_timeout, s.pool_idle_timeout,
+            transparent_source=transparent,
+        )
+        self.ctx = ProxyContext(
+            store=self.store,
+            node=s.node_name,
+            pool=self.pool,
+            tracker=self.tracker,
+            own_ports=s.own_ports,
+            hbone_port=s.hbone_port,
+            connect_timeout=s.connect_timeout,
+            transparent=transparent,
+            bind_source_ip=s.bind_source_ip,
+        )
+        self.outbound = OutboundProxy(self.ctx)
+        self.inbound = InboundProxy(self.ctx)
+        self.socks5 = Socks5Server(self.outbound, self._resolve_host)
+        self.hbone = HboneServer(
+            self.certs, self.contexts, s.trust_domain, self.local_identity,
+            self.inbound.handle_stream,
+        )
+        self.store.subscribe(lambda old, new: self._sync_listeners())
+        for cb in self._parts.on_state:
+            self.store.subscribe(cb)
+        if s.socks5_port:
+            await self._add_listener("socks5", s.socks5_address, s.socks5_port, False)
+        if s.capture == "ebpf":
+            for kind, port in (("outbound", s.outbound_port),
+                               ("inbound", s.inbound_plaintext_port), ("hbone", s.hbone_port)):
+                await self._add_listener(kind, "0.0.0.0", port, True)
+        self._sync_listeners()
+        self._spawn(self._watch_file(), "mesh-state-watch")
+        # Issue local workloads' certificates up front so the first connection is fast.
+        for wl in self.store.current.local_workloads(s.node_name):
+            self._spawn(self._prefetch(wl.identity), f"cert-prefetch {wl.identity}")
+        log.info("agent %s up: %d local workloads, listeners: %s", s.node_name,
+                 len(self.store.current.local_workloads(s.node_name)),
+                 ", ".join(f"{k[0]}={a.address[0]}:{a.address[1]}"
+                           for k, a in sorted(self.listeners.items())))
+
+    async def _prefetch(self, ident: SpiffeId) -> None:
+        with contextlib.suppress(ZtunnelError):
+            await self.certs.get(ident)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _sync_listeners(self) -> None:
+        """Without kernel capture, listen on every local workload IP (and stop for gone ones)."""
+        if self.settings.capture != "none" or self.draining:
+            return
+        s = self.settings
+        want: set[tuple[str, str]] = set()
+        for wl in self.store.current.local_workloads(s.node_name):
+            for ip in wl.addresses:
+                for kind in ("hbone", "inbound", "outbound"):
+                    want.add((kind, str(ip)))
+        for key in list(self.listeners):
+            if key[0] != "socks5" and key not in want:
+                self._close_listener(key)
+        ports = {"hbone": s.hbone_port, "inbound": s.inbound_plaintext_port,
+                 "outbound": s.outbound_port}
+        for kind, ip in sorted(want - set(self.listeners)):
+            self._spawn(self._add_listener(kind, ip, ports[kind], False), f"listen {kind} {ip}")
+
+    def _close_listener(self, key: tuple[str, str]) -> None:
+        lst = self.listeners.pop(key)
+        if lst.server is not None:
+            lst.server.close()
+        with contextlib.suppress(OSError):
+            lst.sock.close()
+
+    async def _add_listener(self, kind: str, ip: str, port: int, transparent: bool) -> None:
+        key = (kind, ip)
+        if key in self.listeners:
+            return
+        try:
+            sock = listen(ip, port, transparent)
+        except OSError as e:
+            log.error("%s listener: %s", kind, e.strerror)
+            if kind == "socks5" or transparent:
+                raise ConfigError(f"{kind} listener", f"{ip}:{port}", str(e.strerror)) from None
+            return
+        lst = Listener(kind, (ip, sock.getsockname()[1]), sock)
+        self.listeners[key] = lst
+        if kind == "hbone":
+            self.hbone.serve(sock)
+            return
+        handler = {
+            "outbound": self._on_outbound,
+            "inbound": self._on_inbound,
+            "socks5": self._on_socks5,
+        }[kind]
+        lst.server = await asyncio.start_server(handler, sock=sock, limit=256 * 1024)
+
+    # ---- connection entry points ----
+
+    @staticmethod
+    def _peer(writer: asyncio.StreamWriter) -> tuple[IPAddress, int]:
+        peer = writer.get_extra_info("peername")
+        return _ip(peer[0]), int(peer[1])
+
+    @staticmethod
+    def _local(writer: asyncio.StreamWriter) -> tuple[IPAddress, int]:
+        sock = writer.get_extra_info("socket")
+        ip, port = original_destination(sock)
+        return _ip(ip), port
+
+    async def _on_outbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.outbound.handle(TcpEnd(reader, writer), self._peer(writer), self._local(writer))
+
+    async def _on_inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.inbound.handle_plaintext(
+            TcpEnd(reader, writer), self._peer(writer), self._local(writer)
+        )
+
+    async def _on_socks5(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.socks5.handle(TcpEnd(reader, writer), self._peer(writer))
+
+    def _resolve_host(self, host: str) -> IPAddress | None:
+        """SOCKS5 hostnames: a service hostname (its first VIP) or a workload hostname."""
+        state = self.store.current
+        for svc in state.services:
+            if svc.hostname == host and svc.vips:
+                return svc.vips[0].address
+        for wl in state.workloads:
+            if wl.hostname and wl.hostname == host:
+                return wl.addresses[0]
+        return None
+
+    # ---- shutdown ----
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Graceful: stop accepting, GOAWAY peers, give open connections `grace` seconds."""
+        if self.draining:
+            return
+        self.draining = True
+        grace = self.settings.drain_timeout if grace is None else grace
+        log.info("draining: %d open connections, grace %.1fs", len(self.tracker.live), grace)
+        for key in list(self.listeners):
+            self._close_listener(key)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await asyncio.gather(self.hbone.drain(grace), self.pool.close(grace))
+        while self.tracker.live and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for rec in list(self.tracker.live.values()):
+            rec.close("agent shutting down")
+        me = asyncio.current_task()
+        others = [t for t in self._tasks if t is not me]
+        for t in others:
+            t.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await self.certs.close()
+        self._stopped.set()
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        await self._stopped.wait()
+
+    def _on_signal(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self.drain())
+            self._drain_task.set_name("drain")

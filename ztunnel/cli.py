@@ -1,0 +1,131 @@
+"""The `ztunnel` command: `run` (the node agent), `ca` (the built-in CA), `demo` (two agents
+on loopback). Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from ztunnel import config, logs
+from ztunnel.ca import CertificateAuthority, write_workload_files
+from ztunnel.errors import ConfigError, ZtunnelError
+from ztunnel.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        settings = config.settings_from(args)
+    except ConfigError as e:
+        print(f"ztunnel: configuration error: {e}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_format, settings.log_level)
+    from ztunnel.app import Agent
+
+    async def main() -> int:
+        agent = Agent(settings)
+        agent.load_state()
+        await agent.start()
+        await agent.run_until_signalled()
+        return 0
+
+    try:
+        return run_loop(main, settings.event_loop)
+    except ConfigError as e:
+        print(f"ztunnel: configuration error: {e}", file=sys.stderr)
+        return 2
+    except ZtunnelError as e:
+        print(f"ztunnel: {e}", file=sys.stderr)
+        return 1
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, int]], kind: str = "uvloop") -> int:
+    """Run `main()` on uvloop when asked for and installed, else on asyncio's own loop."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            logging.getLogger("ztunnel").warning("uvloop is not installed; using asyncio")
+        else:
+            return int(uvloop.run(main()))
+    return int(asyncio.run(main()))
+
+
+def _ca_init(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.create(args.trust_domain)
+    ca.save(args.dir)
+    print(f"wrote a CA for trust domain {args.trust_domain} to {args.dir} "
+          "(ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)")
+    return 0
+
+
+def _ca_issue(args: argparse.Namespace) -> int:
+    try:
+        ident = SpiffeId.parse(args.identity)
+        ca = CertificateAuthority.load(args.dir)
+        if ident.trust_domain != ca.trust_domain:
+            raise ZtunnelError(
+                f"identity {ident} is outside the CA's trust domain {ca.trust_domain}"
+            )
+        cert = ca.issue(ident)
+    except ZtunnelError as e:
+        print(f"ztunnel ca issue: {e}", file=sys.stderr)
+        return 2
+    write_workload_files(cert, args.out)
+    print(f"wrote cert-chain.pem, key.pem, root-cert.pem for {ident} to {args.out} "
+          f"(valid until {cert.not_after.isoformat()})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ztunnel.demo import run_demo
+
+    return run_demo(verbose=args.verbose)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ztunnel",
+        description="Sidecar-less service-mesh node agent (Istio ambient compatible).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run the node agent",
+        description="Run the node agent. Every setting is a flag or an environment variable "
+        "(flags win).",
+    )
+    config.add_arguments(run)
+    run.set_defaults(func=_run)
+
+    ca = sub.add_parser("ca", help="the built-in certificate authority")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    init = ca_sub.add_parser("init", help="create a CA in Istio's cacerts layout")
+    init.add_argument("--dir", required=True, help="directory to write the CA files to")
+    init.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    init.set_defaults(func=_ca_init)
+    issue = ca_sub.add_parser("issue", help="issue a workload certificate")
+    issue.add_argument("--dir", required=True, help="the CA directory (from ca init)")
+    issue.add_argument("--identity", required=True, help="spiffe://TD/ns/N/sa/S")
+    issue.add_argument("--out", required=True, help="directory for cert-chain.pem, key.pem, root-cert.pem")
+    issue.set_defaults(func=_ca_issue)
+
+    demo = sub.add_parser("demo", help="two agents on loopback, real traffic, a summary")
+    demo.add_argument("-v", "--verbose", action="store_true", help="show the agents' logs")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

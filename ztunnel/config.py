@@ -1,0 +1,193 @@
+"""Settings of `ztunnel run`: each one a flag and, where Istio ztunnel has one, the same
+environment variable. Parsed once into a frozen `Settings`; errors name the flag/variable."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ztunnel.errors import ConfigError
+from ztunnel.identity import DEFAULT_TRUST_DOMAIN
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    node_name: str = "local"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    cluster_id: str = "Kubernetes"
+    local_xds_path: str = ""
+    xds_address: str = ""
+    ca_address: str = ""
+    ca_dir: str = ""
+    capture: str = "none"  # none | ebpf
+    outbound_port: int = 15001
+    inbound_plaintext_port: int = 15006
+    hbone_port: int = 15008
+    socks5_port: int = 15080
+    socks5_address: str = "127.0.0.1"
+    admin_port: int = 15000
+    admin_address: str = "127.0.0.1"
+    stats_port: int = 15020
+    readiness_port: int = 15021
+    status_address: str = "127.0.0.1"
+    log_format: str = "text"
+    log_level: str = "info"
+    connect_timeout: float = 10.0
+    drain_timeout: float = 10.0
+    pool_idle_timeout: float = 300.0
+    allow_tls12: bool = False
+    event_loop: str = "uvloop"  # uvloop | asyncio
+    bind_source_ip: bool = True
+    reload_interval: float = 1.0
+    # eBPF capture (only with capture=ebpf)
+    bpf_pin_dir: str = "/sys/fs/bpf/ztunnel"
+    uplink: str = ""
+    node_ip: str = ""
+    fail_open: bool = False
+
+    @property
+    def own_ports(self) -> frozenset[int]:
+        return frozenset({self.outbound_port, self.inbound_plaintext_port, self.hbone_port})
+
+
+# (field, flag, env var, help)
+_SPEC: list[tuple[str, str, str, str]] = [
+    ("node_name", "--node-name", "NODE_NAME", "this agent's node; workloads with this node are local"),
+    ("trust_domain", "--trust-domain", "TRUST_DOMAIN", "SPIFFE trust domain of the mesh"),
+    ("cluster_id", "--cluster-id", "CLUSTER_ID", "cluster id (telemetry, CA requests)"),
+    ("local_xds_path", "--local-xds", "LOCAL_XDS_PATH", "mesh state file or directory (YAML), reloaded on change"),
+    ("xds_address", "--xds-address", "XDS_ADDRESS", "istiod xDS address (not supported yet)"),
+    ("ca_address", "--ca-address", "CA_ADDRESS", "Istio CA address (not supported yet)"),
+    ("ca_dir", "--ca-dir", "ZTUNNEL_CA_DIR", "act as our own CA with the cacerts in this directory"),
+    ("capture", "--capture", "ZTUNNEL_CAPTURE", "traffic capture: none (listen on each local workload IP) or ebpf"),
+    ("outbound_port", "--outbound-port", "ZTUNNEL_OUTBOUND_PORT", "outbound capture port"),
+    ("inbound_plaintext_port", "--inbound-plaintext-port", "ZTUNNEL_INBOUND_PLAINTEXT_PORT", "inbound plaintext capture port"),
+    ("hbone_port", "--hbone-port", "ZTUNNEL_HBONE_PORT", "inbound HBONE port, also dialed on peers"),
+    ("socks5_port", "--socks5-port", "ZTUNNEL_SOCKS5_PORT", "SOCKS5 outbound entry port (0 disables)"),
+    ("socks5_address", "--socks5-address", "ZTUNNEL_SOCKS5_ADDRESS", "SOCKS5 listen address"),
+    ("admin_port", "--admin-port", "ZTUNNEL_ADMIN_PORT", "admin API port (0 disables)"),
+    ("admin_address", "--admin-address", "ZTUNNEL_ADMIN_ADDRESS", "admin API address (localhost only)"),
+    ("stats_port", "--stats-port", "ZTUNNEL_STATS_PORT", "Prometheus metrics port (0 disables)"),
+    ("readiness_port", "--readiness-port", "ZTUNNEL_READINESS_PORT", "readiness port (0 disables)"),
+    ("status_address", "--status-address", "ZTUNNEL_STATUS_ADDRESS", "address of the metrics and readiness listeners"),
+    ("log_format", "--log-format", "LOG_FORMAT", "access/agent log format: text or json"),
+    ("log_level", "--log-level", "LOG_LEVEL", "log level: debug, info, warning, error"),
+    ("connect_timeout", "--connect-timeout", "ZTUNNEL_CONNECT_TIMEOUT", "seconds to wait for an upstream connect or CONNECT answer"),
+    ("drain_timeout", "--drain-timeout", "TERMINATION_GRACE_PERIOD_SECONDS", "grace period for open connections on SIGTERM"),
+    ("pool_idle_timeout", "--pool-idle-timeout", "POOL_UNUSED_RELEASE_TIMEOUT", "seconds before an idle HBONE connection is released"),
+    ("allow_tls12", "--allow-tls12", "ZTUNNEL_ALLOW_TLS12", "also accept TLS 1.2 for HBONE"),
+    ("event_loop", "--event-loop", "ZTUNNEL_EVENT_LOOP", "asyncio event loop: uvloop or asyncio"),
+    ("bind_source_ip", "--bind-source-ip", "ZTUNNEL_BIND_SOURCE_IP", "open outbound HBONE from the source workload's IP"),
+    ("reload_interval", "--reload-interval", "ZTUNNEL_RELOAD_INTERVAL", "seconds between checks of the mesh state file"),
+    ("bpf_pin_dir", "--bpf-pin-dir", "ZTUNNEL_BPF_PIN_DIR", "bpffs directory for pinned capture maps (ebpf)"),
+    ("uplink", "--uplink", "ZTUNNEL_UPLINK", "node interface towards other nodes (ebpf)"),
+    ("node_ip", "--node-ip", "ZTUNNEL_NODE_IP", "the node's own address, never captured (ebpf)"),
+    ("fail_open", "--fail-open", "ZTUNNEL_FAIL_OPEN", "let enrolled pods' traffic pass uncaptured while no agent runs (ebpf)"),
+]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Settings()
+    for name, flag, env, help_text in _SPEC:
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=name, default=None, nargs="?", const="true",
+                                metavar="BOOL", help=f"{help_text} [env {env}; default {default}]")
+        else:
+            parser.add_argument(flag, dest=name, default=None,
+                                help=f"{help_text} [env {env}; default {default!r}]")
+
+
+def _convert(name: str, raw: str, kind: type, where: str) -> Any:
+    try:
+        if kind is bool:
+            v = raw.strip().lower()
+            if v in _TRUE:
+                return True
+            if v in _FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError as e:
+        raise ConfigError(where, name, f"bad value {raw!r}: {e}") from None
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags win over environment variables, which win over defaults; validated."""
+    environ = os.environ if environ is None else environ
+    defaults = Settings()
+    values: dict[str, Any] = {}
+    by_name = {f.name: f for f in fields(Settings)}
+    for name, flag, env, _ in _SPEC:
+        kind = type(getattr(defaults, name))
+        raw = getattr(args, name, None)
+        where = flag
+        if raw is None and env in environ:
+            raw, where = environ[env], f"environment variable {env}"
+        if raw is None:
+            continue
+        values[name] = _convert(name, str(raw), kind, where)
+    assert set(values) <= set(by_name)
+    s = Settings(**values)
+    validate(s)
+    return s
+
+
+def validate(s: Settings) -> None:
+    ports = {
+        "outbound_port": s.outbound_port, "inbound_plaintext_port": s.inbound_plaintext_port,
+        "hbone_port": s.hbone_port, "socks5_port": s.socks5_port, "admin_port": s.admin_port,
+        "stats_port": s.stats_port, "readiness_port": s.readiness_port,
+    }
+    for name, port in ports.items():
+        if not 0 <= port <= 65535:
+            raise ConfigError("settings", name, f"port out of range: {port}")
+    if s.capture not in ("none", "ebpf"):
+        raise ConfigError("settings", "capture", f"must be none or ebpf, got {s.capture!r}")
+    if s.log_format not in ("text", "json"):
+        raise ConfigError("settings", "log_format", f"must be text or json, got {s.log_format!r}")
+    if s.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError("settings", "event_loop", "must be uvloop or asyncio")
+    if s.log_level.lower() not in ("debug", "info", "warning", "warn", "error"):
+        raise ConfigError("settings", "log_level", f"unknown level {s.log_level!r}")
+    for name in ("socks5_address", "admin_address", "status_address"):
+        try:
+            ipaddress.ip_address(getattr(s, name))
+        except ValueError:
+            raise ConfigError("settings", name, f"not an IP address: {getattr(s, name)!r}") from None
+    if s.node_ip:
+        try:
+            ipaddress.ip_address(s.node_ip)
+        except ValueError:
+            raise ConfigError("settings", "node_ip", f"not an IP address: {s.node_ip!r}") from None
+    if not s.local_xds_path and not s.xds_address:
+        raise ConfigError("settings", "local_xds_path",
+                          "no mesh state: give --local-xds FILE (LOCAL_XDS_PATH)")
+    if s.xds_address and not s.local_xds_path:
+        raise ConfigError("settings", "xds_address",
+                          "istiod xDS is not supported yet; use --local-xds FILE")
+    if not s.ca_dir:
+        if s.ca_address:
+            raise ConfigError("settings", "ca_address",
+                              "the Istio CA client is not supported yet; use --ca-dir DIR")
+        raise ConfigError("settings", "ca_dir",
+                          "no certificate source: give --ca-dir DIR (ztunnel ca init --dir DIR)")
+    for name in ("connect_timeout", "drain_timeout", "pool_idle_timeout", "reload_interval"):
+        if getattr(s, name) <= 0:
+            raise ConfigError("settings", name, "must be positive")
+
+
+def describe(argv: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+    """(flag, env, help) for every setting: the documentation table."""
+    return [(flag, env, h) for _, flag, env, h in _SPEC]
