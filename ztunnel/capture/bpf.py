@@ -40,12 +40,19 @@ _lib = libbcc.lib
 # bcc's Python binding does not wrap bpf_obj_get; libbcc links libbpf, which exports it.
 _obj_get = ct.CFUNCTYPE(ct.c_int, ct.c_char_p, use_errno=True)(("bpf_obj_get", _lib))
 _libc = ct.CDLL(None, use_errno=True)
+_statfs = ct.CFUNCTYPE(ct.c_int, ct.c_char_p, ct.c_void_p, use_errno=True)(("statfs", _libc))
+_mount = ct.CFUNCTYPE(
+    ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_char_p, ct.c_ulong, ct.c_void_p, use_errno=True
+)(("mount", _libc))
 
 
 class _PodInfo(ct.Structure):
     """`struct pod_info` of bpf/capture.c."""
 
     _fields_ = [("host_ifindex", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+_Value = ct.c_uint32 | _PodInfo
 
 
 class _StatFs(ct.Structure):
@@ -72,7 +79,7 @@ def filesystem_type(path: Path) -> int:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     buf = _StatFs()
-    if _libc.statfs(os.fsencode(probe), ct.byref(buf)) != 0:
+    if _statfs(os.fsencode(probe), ct.addressof(buf)) != 0:
         raise _fail(f"statfs({probe}) failed")
     return int(buf.f_type) & 0xFFFFFFFF
 
@@ -86,7 +93,7 @@ def mount_bpffs(mount_point: Path) -> None:
     if mount_point.is_dir() and is_on_bpffs(mount_point):
         return
     mount_point.mkdir(parents=True, exist_ok=True)
-    if _libc.mount(b"bpf", os.fsencode(mount_point), b"bpf", 0, None) != 0:
+    if _mount(b"bpf", os.fsencode(mount_point), b"bpf", 0, None) != 0:
         raise _fail(f"mounting bpffs on {mount_point} failed")
 
 
@@ -176,11 +183,11 @@ class CaptureMaps:
             raise CaptureError("capture maps are closed")
         return fd
 
-    def _update(self, name: str, key: ct._CData, value: ct._CData) -> None:
+    def _update(self, name: str, key: ct.c_uint32, value: _Value) -> None:
         if _lib.bpf_update_elem(self._fd(name), ct.byref(key), ct.byref(value), BPF_ANY) != 0:
             raise _fail(f"updating map {name} failed")
 
-    def _delete(self, name: str, key: ct._CData) -> bool:
+    def _delete(self, name: str, key: ct.c_uint32) -> bool:
         if _lib.bpf_delete_elem(self._fd(name), ct.byref(key)) == 0:
             return True
         if ct.get_errno() == errno.ENOENT:

@@ -154,12 +154,16 @@ class Netlink:
         if index is None:
             return False
         try:
-            self._sock().tc("del-filter", "bpf", index, handle, parent=direction.value, prio=priority)
+            self._sock().tc(
+                "del-filter", "bpf", index, handle, parent=direction.value, prio=priority
+            )
         except NetlinkError as exc:
             # ENOENT: no such filter; EINVAL: no clsact at all; ENODEV: link just vanished.
             if exc.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
                 return False
-            raise CaptureError(f"detaching filter from {ifname} in {self._where}", exc.code) from exc
+            raise CaptureError(
+                f"detaching filter from {ifname} in {self._where}", exc.code
+            ) from exc
         return True
 
     def bpf_filters(self, ifname: str, direction: Direction = Direction.INGRESS) -> list[TcFilter]:
