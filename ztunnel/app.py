@@ -16,6 +16,10 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from prometheus_client.registry import CollectorRegistry
+
+from ztunnel import __version__
+from ztunnel.admin import HttpEndpoints
 from ztunnel.ca import CertificateAuthority
 from ztunnel.certs import CertificateManager, CertificateSource, LocalCaSource
 from ztunnel.config import Settings
@@ -34,6 +38,7 @@ from ztunnel.proxy.relay import TcpEnd
 from ztunnel.proxy.sockets import listen, original_destination
 from ztunnel.proxy.socks5 import Socks5Server
 from ztunnel.state import MeshState, WorkloadStore
+from ztunnel.telemetry import Telemetry, combine
 
 log = logging.getLogger("ztunnel")
 
@@ -64,7 +69,12 @@ class Agent:
         self.settings = settings
         parts = parts or AgentParts()
         self.store = WorkloadStore()
-        self.tracker = ConnectionTracker(parts.observer)
+        # Telemetry: the agent's own metrics registry (never the global one), the observer
+        # that feeds it and the access log, and the admin/metrics/readiness HTTP endpoints.
+        self.registry = CollectorRegistry()
+        self.telemetry = Telemetry(self.registry, __version__)
+        self.tracker = ConnectionTracker(combine(self.telemetry, parts.observer))
+        self.http = HttpEndpoints(self, self.registry)
         source = parts.certificate_source or self._certificate_source()
         self.certs = CertificateManager(source)
         self.contexts = ContextCache(settings.allow_tls12)
@@ -144,6 +154,8 @@ class Agent:
             transparent=transparent,
             bind_source_ip=s.bind_source_ip,
         )
+        # Readiness answers (500, pending) from here on, while the listeners come up.
+        await self.http.start()
         self.outbound = OutboundProxy(self.ctx)
         self.inbound = InboundProxy(self.ctx)
         self.socks5 = Socks5Server(self.outbound, self._resolve_host)
@@ -180,16 +192,29 @@ class Agent:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _workload_listeners(self) -> set[tuple[str, str]]:
+        """Without kernel capture: (kind, ip) for every local workload IP."""
+        want: set[tuple[str, str]] = set()
+        for wl in self.store.current.local_workloads(self.settings.node_name):
+            for ip in wl.addresses:
+                for kind in ("hbone", "inbound", "outbound"):
+                    want.add((kind, str(ip)))
+        return want
+
+    def wanted_listeners(self) -> set[tuple[str, str]]:
+        """Every listener the agent should have now; readiness waits for all of them."""
+        s = self.settings
+        want = {("socks5", s.socks5_address)} if s.socks5_port else set()
+        if s.capture == "ebpf":
+            return want | {(k, "0.0.0.0") for k in ("outbound", "inbound", "hbone")}
+        return want | self._workload_listeners()
+
     def _sync_listeners(self) -> None:
         """Without kernel capture, listen on every local workload IP (and stop for gone ones)."""
         if self.settings.capture != "none" or self.draining:
             return
         s = self.settings
-        want: set[tuple[str, str]] = set()
-        for wl in self.store.current.local_workloads(s.node_name):
-            for ip in wl.addresses:
-                for kind in ("hbone", "inbound", "outbound"):
-                    want.add((kind, str(ip)))
+        want = self._workload_listeners()
         for key in list(self.listeners):
             if key[0] != "socks5" and key not in want:
                 self._close_listener(key)
@@ -287,6 +312,8 @@ class Agent:
             t.cancel()
         await asyncio.gather(*others, return_exceptions=True)
         await self.certs.close()
+        # Last: readiness kept answering 500 and metrics stayed scrapable during the drain.
+        await self.http.close()
         self._stopped.set()
 
     async def run_until_signalled(self) -> None:
@@ -296,6 +323,11 @@ class Agent:
         await self._stopped.wait()
 
     def _on_signal(self) -> None:
+        self.request_drain()
+
+    def request_drain(self) -> None:
+        """Start the graceful drain once (SIGTERM, SIGINT, the admin API's /quitquitquit);
+        `run_until_signalled` returns when it is done."""
         if self._drain_task is None:
             self._drain_task = asyncio.ensure_future(self.drain())
             self._drain_task.set_name("drain")

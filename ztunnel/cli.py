@@ -1,5 +1,6 @@
 """The `ztunnel` command: `run` (the node agent), `ca` (the built-in CA), `demo` (two agents
-on loopback). Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage."""
+on loopback), `ctl` (inspect a running agent). Exit codes: 0 ok, 1 runtime failure, 2 bad
+configuration or usage."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from ztunnel import config, logs
+from ztunnel import config, ctl, logs
 from ztunnel.ca import CertificateAuthority, write_workload_files
 from ztunnel.errors import ConfigError, ZtunnelError
 from ztunnel.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="two agents on loopback, real traffic, a summary")
     demo.add_argument("-v", "--verbose", action="store_true", help="show the agents' logs")
     demo.set_defaults(func=_demo)
+
+    ctl.add_parser(sub)
     return parser
 
 

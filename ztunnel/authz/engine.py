@@ -12,8 +12,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ztunnel.authz.explain import Explanation, explain
 from ztunnel.authz.policy import (
     Action,
     AuthorizationPolicy,
@@ -26,17 +27,14 @@ from ztunnel.authz.policy import (
 )
 from ztunnel.model import Workload
 
-if TYPE_CHECKING:
-    from ztunnel.authz.explain import Explanation
-
 
 class DecisionReason(enum.Enum):
     """Which step of the evaluation order decided."""
 
-    DENY_MATCHED = "denied by a matching DENY policy"
-    NO_ALLOW_POLICIES = "allowed: no ALLOW policy applies"
-    ALLOW_MATCHED = "allowed by a matching ALLOW policy"
-    NO_ALLOW_MATCHED = "denied: ALLOW policies apply but none matched"
+    DENY_MATCHED = "a DENY policy matched"
+    NO_ALLOW_POLICIES = "no ALLOW policy applies"
+    ALLOW_MATCHED = "an ALLOW policy matched"
+    NO_ALLOW_MATCHED = "ALLOW policies apply but none matched"
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,8 +404,6 @@ class Authorizer:
 
     def explain(self, conn: ConnectionAttrs) -> Explanation:
         """`check`, plus why each applicable policy did or did not match."""
-        from ztunnel.authz.explain import explain
-
         return explain(self, conn)
 
 

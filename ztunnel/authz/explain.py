@@ -189,7 +189,7 @@ class Explanation:
         lines = [
             f"connection: {c.source_ip} [{peer}] -> {c.destination_ip}:{c.destination_port} "
             f"(workload {c.destination.namespace}/{c.destination.name})",
-            f"verdict: {'ALLOW' if d.allowed else 'DENY'} - {d.reason.value}"
+            f"verdict: {'ALLOW' if d.allowed else 'DENY'}: {d.reason.value}"
             + (f" ({d.policy})" if d.policy else ""),
         ]
         if not self.policies:

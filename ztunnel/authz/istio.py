@@ -177,8 +177,8 @@ class _RuleReader:
 
     def _list(self, obj: Mapping[str, Any], key: str, path: str) -> list[Any]:
         items = f.seq(self.ctx, obj.get(key), f"{path}.{key}")
-        if key in obj and not items:
-            # Istio's CheckEmptyValues spirit: an explicitly empty list is a mistake.
+        if obj.get(key) is not None and not items:
+            # An explicitly empty list is a mistake (null is taken as absent).
             raise self.ctx.fail(f"{path}.{key}", "must not be empty when present")
         return items
 
@@ -326,7 +326,7 @@ class _RuleReader:
         clauses: list[Clause] = []
         # istiod's order: the `to` clause, the `from` clause, then one clause per condition.
         for key, inner in (("to", "operation"), ("from", "source")):
-            if key in rule:
+            if rule.get(key) is not None:
                 clause = self._entries(rule, key, inner, self.path)
                 if clause is not None:
                     clauses.append(clause)
@@ -340,18 +340,17 @@ class _RuleReader:
         if self.action is Action.ALLOW:
             self.ctx.warn(
                 self.path,
-                f"{self.doc.label}: ztunnel cannot enforce HTTP attributes "
-                f"({where}); this ALLOW rule is dropped and matches "
-                f"nothing (more restrictive than requested; use a "
-                f"waypoint for HTTP rules)",
+                f"{self.doc.label}: ztunnel cannot enforce HTTP attributes ({where}); this "
+                f"ALLOW rule is dropped and matches nothing (more restrictive than requested; "
+                f"use a waypoint for HTTP rules)",
             )
             return None
+        l4 = "only its L4 conditions" if clauses else "no conditions, denying every connection"
         self.ctx.warn(
             self.path,
-            f"{self.doc.label}: ztunnel cannot enforce HTTP attributes "
-            f"({where}); this DENY rule is enforced with only its L4 "
-            f"conditions (more restrictive than requested; use a waypoint "
-            f"for HTTP rules)",
+            f"{self.doc.label}: ztunnel cannot enforce HTTP attributes ({where}); this DENY "
+            f"rule is enforced with {l4} (more restrictive than requested; use a waypoint for "
+            f"HTTP rules)",
         )
         return tuple(clauses)
 
@@ -383,8 +382,8 @@ def _authorization_policy(ctx: f.Ctx, doc: _Doc, root: str) -> AuthorizationPoli
             raise ctx.fail(doc.path("spec.selector"), "cannot be set together with targetRef(s)")
         ctx.warn(
             doc.path("spec.targetRefs"),
-            f"{doc.label}: binds to a waypoint or gateway "
-            f"(targetRef), not enforced by ztunnel; ignored",
+            f"{doc.label}: binds to a waypoint or gateway (targetRef), not enforced by "
+            f"ztunnel; ignored",
         )
         return None
     labels = _labels(ctx, spec.get("selector"), doc.path("spec.selector"))
@@ -396,7 +395,7 @@ def _authorization_policy(ctx: f.Ctx, doc: _Doc, root: str) -> AuthorizationPoli
         scope = Scope.WORKLOAD_SELECTOR
         selectors = (WorkloadSelector.of(None if doc.namespace == root else doc.namespace, labels),)
     rules_raw = spec.get("rules")
-    if action is Action.DENY and rules_raw is None:
+    if action is Action.DENY and not rules_raw:
         raise ctx.fail(
             doc.path("spec.rules"),
             "a DENY policy without rules never matches; add an empty rule `{}` to deny everything",

@@ -187,10 +187,10 @@ class CaptureMaps:
         if _lib.bpf_update_elem(self._fd(name), ct.byref(key), ct.byref(value), BPF_ANY) != 0:
             raise _fail(f"updating map {name} failed")
 
-    def _delete(self, name: str, key: ct.c_uint32) -> bool:
+    def _delete(self, name: str, key: ct.c_uint32, absent: int = errno.ENOENT) -> bool:
         if _lib.bpf_delete_elem(self._fd(name), ct.byref(key)) == 0:
             return True
-        if ct.get_errno() == errno.ENOENT:
+        if ct.get_errno() == absent:
             return False
         raise _fail(f"deleting from map {name} failed")
 
@@ -251,7 +251,8 @@ class CaptureMaps:
             raise _fail(f"putting fd {sock_fd} into listener slot {slot.key} failed")
 
     def clear_listener(self, slot: ListenerSlot) -> None:
-        self._delete(LISTENERS_MAP, ct.c_uint32(slot))
+        # An empty sockmap slot answers a delete with EINVAL, not ENOENT.
+        self._delete(LISTENERS_MAP, ct.c_uint32(slot), absent=errno.EINVAL)
 
     def set_fail_mode(self, mode: FailMode) -> None:
         self._update(CONFIG_MAP, ct.c_uint32(CONFIG_FAIL_MODE), ct.c_uint32(mode.map_value))

@@ -10,6 +10,7 @@ thread (e.g. `asyncio.to_thread`), never directly from a running asyncio loop.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 import socket
@@ -87,6 +88,15 @@ class Netlink:
         return f"netns {self._netns}" if self._netns else "current netns"
 
     def _sock(self) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no loop in this thread: good
+        else:
+            raise CaptureError(
+                "netlink calls block and pyroute2 runs its own event loop:"
+                " call them from a worker thread (asyncio.to_thread), not from the loop"
+            )
         if self._ipr is None:
             with _translated(f"opening rtnetlink in {self._where}"):
                 # flags=0: never create the namespace (pyroute2 defaults to O_CREAT).

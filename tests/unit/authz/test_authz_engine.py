@@ -69,11 +69,11 @@ def decide(pols: list[AuthorizationPolicy], c: ConnectionAttrs) -> Any:
     return decision
 
 
-V6 = {"src": "fd00::1:2", "dst": "fd00::9:5"}
-PLAIN = {"identity": None}
+V6: dict[str, Any] = {"src": "fd00::1:2", "dst": "fd00::9:5"}
+PLAIN: dict[str, Any] = {"identity": None}
 
 # (match in local-config form, connection overrides, does the match match?)
-MATRIX = [
+MATRIX: list[tuple[dict[str, Any], dict[str, Any], bool]] = [
     # namespaces: the peer identity's namespace, StringMatch forms
     ({"namespaces": ["client-ns"]}, {}, True),
     ({"namespaces": ["other-ns"]}, {}, False),
@@ -136,8 +136,11 @@ MATRIX = [
     ({"notDestinationPorts": [80]}, {}, True),
     # every present family must pass
     ({"namespaces": ["client-ns"], "destinationPorts": [80]}, {}, False),
-    ({"namespaces": ["client-ns"], "destinationPorts": [8080], "sourceIps": ["10.0.0.0/8"]}, {},
-     True),
+    (
+        {"namespaces": ["client-ns"], "destinationPorts": [8080], "sourceIps": ["10.0.0.0/8"]},
+        {},
+        True,
+    ),
     ({"principals": ["*"], "sourceIps": ["10.0.0.0/8"]}, PLAIN, False),
     ({"notPrincipals": ["*"], "destinationPorts": [8080]}, PLAIN, True),
 ]
@@ -180,7 +183,8 @@ def test_clause_with_an_empty_match_still_matches_through_the_other() -> None:
 
 
 def test_rule_without_clauses_and_empty_clause_match_everything() -> None:
-    for rules in ([[]], [[[]]], [[[], [{"destinationPorts": [8080]}]]]):
+    rule_sets: list[list[Any]] = [[[]], [[[]]], [[[], [{"destinationPorts": [8080]}]]]]
+    for rules in rule_sets:
         p = one_match({}, "Deny")
         p["rules"] = rules
         d = decide(policies(p), conn(identity=None, port=8080))
@@ -212,8 +216,10 @@ def test_rules_are_or_and_clauses_are_and() -> None:
 
 
 def test_deny_wins_over_allow_and_is_reported() -> None:
-    pols = policies(one_match({"namespaces": ["client-ns"]}, "Allow"),
-                    one_match({"destinationPorts": [8080]}, "Deny"))
+    pols = policies(
+        one_match({"namespaces": ["client-ns"]}, "Allow"),
+        one_match({"destinationPorts": [8080]}, "Deny"),
+    )
     d = decide(pols, conn())
     assert not d.allowed
     assert d.reason is DecisionReason.DENY_MATCHED
@@ -231,11 +237,13 @@ def test_no_allow_policy_allows_and_unmatched_allow_denies() -> None:
     assert d.allowed and d.applicable == ()
 
 
-def scoped(name: str, namespace: str, scope: Scope, action: Action = Action.ALLOW
-           ) -> AuthorizationPolicy:
+def scoped(
+    name: str, namespace: str, scope: Scope, action: Action = Action.ALLOW
+) -> AuthorizationPolicy:
     """A policy that matches only port 1 (so it applies but does not match port 8080)."""
-    return AuthorizationPolicy(name, namespace, scope, action,
-                               (((Match(destination_ports=(1,)),),),))
+    return AuthorizationPolicy(
+        name, namespace, scope, action, (((Match(destination_ports=(1,)),),),)
+    )
 
 
 def test_scopes_decide_which_policies_apply() -> None:
@@ -246,9 +254,13 @@ def test_scopes_decide_which_policies_apply() -> None:
         scoped("selected", "server-ns", Scope.WORKLOAD_SELECTOR),
         scoped("not-selected", "server-ns", Scope.WORKLOAD_SELECTOR),
     ]
-    named = Workload(uid="s2", name="s2", namespace="server-ns",
-                     addresses=SERVER.addresses,
-                     authorization_policies=("server-ns/selected", "server-ns/gone"))
+    named = Workload(
+        uid="s2",
+        name="s2",
+        namespace="server-ns",
+        addresses=SERVER.addresses,
+        authorization_policies=("server-ns/selected", "server-ns/gone"),
+    )
     d = decide(pols, conn(workload=named))
     assert d.applicable == ("istio-system/everyone", "server-ns/mine", "server-ns/selected")
     assert d.unknown == ("server-ns/gone",)
@@ -262,10 +274,17 @@ def test_scopes_decide_which_policies_apply() -> None:
 
 
 def test_named_policy_applies_whatever_its_scope_once() -> None:
-    pols = [scoped("theirs", "other-ns", Scope.NAMESPACE, Action.DENY),
-            scoped("mine", "server-ns", Scope.NAMESPACE)]
-    wl = Workload(uid="s", name="s", namespace="server-ns", addresses=SERVER.addresses,
-                  authorization_policies=("other-ns/theirs", "server-ns/mine"))
+    pols = [
+        scoped("theirs", "other-ns", Scope.NAMESPACE, Action.DENY),
+        scoped("mine", "server-ns", Scope.NAMESPACE),
+    ]
+    wl = Workload(
+        uid="s",
+        name="s",
+        namespace="server-ns",
+        addresses=SERVER.addresses,
+        authorization_policies=("other-ns/theirs", "server-ns/mine"),
+    )
     d = decide(pols, conn(workload=wl, port=1))
     assert d.applicable == ("other-ns/theirs", "server-ns/mine")
     assert not d.allowed and d.policy == "other-ns/theirs"
@@ -323,8 +342,11 @@ def test_cache_eviction_keeps_answers_right() -> None:
 def test_explain_says_why() -> None:
     pols = policies(
         one_match({"principals": ["cluster.local/ns/admin/*"]}, "Allow"),
-        one_match({"notSourceIps": ["10.0.0.0/8"], "destinationPorts": [8080]}, "Deny",
-                  name="deny-outside"),
+        one_match(
+            {"notSourceIps": ["10.0.0.0/8"], "destinationPorts": [8080]},
+            "Deny",
+            name="deny-outside",
+        ),
         one_match({"destinationPorts": [8080]}, "Deny", name="would-deny", dryRun=True),
     )
     authz = Authorizer(pols)
@@ -334,14 +356,19 @@ def test_explain_says_why() -> None:
     assert not ex.decision.allowed and ex.decision.reason is DecisionReason.NO_ALLOW_MATCHED
     text = ex.render()
     assert "verdict: DENY" in text
-    assert ("principals: cluster.local/ns/client-ns/sa/client-sa matches none of "
-            "[cluster.local/ns/admin/*]") in text
+    assert (
+        "principals: cluster.local/ns/client-ns/sa/client-sa matches none of "
+        "[cluster.local/ns/admin/*]"
+    ) in text
     assert "not_source_ips: 10.1.2.3 matches excluded 10.0.0.0/8" in text
     assert "with dry-run policies enforced: DENY (server-ns/would-deny)" in text
     doc = json.loads(json.dumps(ex.to_dict()))
     assert doc["decision"]["allowed"] is False
     assert [p["policy"] for p in doc["policies"]] == [
-        "server-ns/allow-it", "server-ns/deny-outside", "server-ns/would-deny"]
+        "server-ns/allow-it",
+        "server-ns/deny-outside",
+        "server-ns/would-deny",
+    ]
     assert [p["matched"] for p in doc["policies"]] == [False, False, True]
 
     plain = authz.explain(conn(identity=None))

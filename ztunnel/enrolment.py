@@ -1,0 +1,247 @@
+"""The node agent's enrolment API: which pods' traffic is captured.
+
+A Unix socket speaking one JSON object per line each way. The lab drives it now; the CNI
+plugin calls it when pods come and go. Requests (all idempotent):
+
+  {"op": "add_pod", "namespace": N, "name": P, "ifname": VETH, "ips": [...], "enrol": bool}
+      attach the capture program to the pod's host-side veth; enrol it if asked
+  {"op": "enrol", ...same fields}        enrol (and attach) a pod
+  {"op": "unenrol", "namespace": N, "name": P}   stop capturing it (program stays attached)
+  {"op": "remove_pod", "namespace": N, "name": P}  unenrol and detach (pod deleted)
+  {"op": "list"}                         the enrolled pods
+
+Answers: {"ok": true, ...} or {"ok": false, "error": "...what and why"}. Parsing is pure
+(`parse_request`); a bad request gets an error answer and never affects other pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ztunnel.errors import ConfigError, ZtunnelError
+from ztunnel.model import IPAddress
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64 * 1024
+REQUEST_TIMEOUT = 30.0
+OPS = ("add_pod", "enrol", "unenrol", "remove_pod", "list")
+
+
+class EnrolmentError(ZtunnelError):
+    """A request could not be carried out; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class PodRequest:
+    op: str
+    namespace: str = ""
+    name: str = ""
+    ifname: str = ""
+    ips: tuple[IPAddress, ...] = ()
+    enrol: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def parse_request(line: bytes) -> PodRequest:
+    """One request line -> PodRequest; ConfigError names the bad field."""
+    src = "enrolment request"
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(src, "", f"not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(src, "", "expected a JSON object")
+    op = obj.get("op")
+    if op not in OPS:
+        raise ConfigError(src, "op", f"must be one of {', '.join(OPS)}, got {op!r}")
+    if op == "list":
+        return PodRequest("list")
+    fields: dict[str, str] = {}
+    for f in ("namespace", "name"):
+        v = obj.get(f)
+        if not isinstance(v, str) or not v:
+            raise ConfigError(src, f, "a non-empty string is required")
+        fields[f] = v
+    ifname = obj.get("ifname", "")
+    ips: list[IPAddress] = []
+    if op in ("add_pod", "enrol"):
+        if not isinstance(ifname, str) or not ifname or len(ifname) > 15:
+            raise ConfigError(src, "ifname", "an interface name of 1-15 characters is required")
+        raw_ips = obj.get("ips")
+        if not isinstance(raw_ips, list) or not raw_ips:
+            raise ConfigError(src, "ips", "a non-empty list of IP addresses is required")
+        for i, v in enumerate(raw_ips):
+            try:
+                ips.append(ipaddress.ip_address(v))
+            except (ValueError, TypeError):
+                raise ConfigError(src, f"ips[{i}]", f"not an IP address: {v!r}") from None
+    enrol = obj.get("enrol", op == "enrol")
+    if not isinstance(enrol, bool):
+        raise ConfigError(src, "enrol", "must be true or false")
+    return PodRequest(op, fields["namespace"], fields["name"], str(ifname), tuple(ips), enrol)
+
+
+class CaptureBackend(Protocol):
+    """What the service needs from the capture layer (blocking calls, run in one thread)."""
+
+    def attach_pod(self, req: PodRequest) -> None: ...
+
+    def enrol(self, req: PodRequest) -> None: ...
+
+    def unenrol(self, req: PodRequest) -> None: ...
+
+    def detach_pod(self, req: PodRequest) -> None: ...
+
+
+class EnrolmentService:
+    """Serves the enrolment socket; remembers pods in a JSON file so restarts keep names."""
+
+    def __init__(self, backend: CaptureBackend, socket_path: str, state_file: str) -> None:
+        self.backend = backend
+        self.socket_path = socket_path
+        self.state_file = Path(state_file)
+        self.pods: dict[str, dict[str, Any]] = {}
+        # One thread: the capture layer's netlink and bpf calls must not run concurrently.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture")
+        self._server: asyncio.AbstractServer | None = None
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.state_file.read_text())
+            if isinstance(data, dict):
+                self.pods = {k: v for k, v in data.items() if isinstance(v, dict)}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            log.warning("enrolment state %s unreadable, starting empty: %s", self.state_file, e)
+
+    def _save(self) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.pods, indent=1, sort_keys=True))
+        os.replace(tmp, self.state_file)
+
+    async def start(self) -> None:
+        path = Path(self.socket_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self._server = await asyncio.start_unix_server(self._handle, path=str(path),
+                                                       limit=MAX_LINE)
+        os.chmod(path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            Path(self.socket_path).unlink()
+        self._executor.shutdown(wait=True)
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await asyncio.wait_for(r.readline(), REQUEST_TIMEOUT)
+                except (ValueError, asyncio.LimitOverrunError):
+                    w.write(b'{"ok": false, "error": "request line too long"}\n')
+                    return
+                if not line:
+                    return
+                answer = await self.execute_line(line)
+                w.write(json.dumps(answer).encode() + b"\n")
+                await w.drain()
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+    async def execute_line(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = parse_request(line)
+        except ConfigError as e:
+            return {"ok": False, "error": str(e)}
+        try:
+            return await self.execute(req)
+        except ZtunnelError as e:
+            log.warning("enrolment %s %s failed: %s", req.op, req.key, e)
+            return {"ok": False, "error": str(e)}
+
+    async def execute(self, req: PodRequest) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+
+        async def call(fn: Any, arg: PodRequest) -> None:
+            await loop.run_in_executor(self._executor, fn, arg)
+
+        if req.op == "list":
+            return {"ok": True, "pods": self.pods}
+        known = self.pods.get(req.key)
+        if req.op in ("add_pod", "enrol"):
+            await call(self.backend.attach_pod, req)
+            enrolled = req.enrol or req.op == "enrol"
+            if enrolled:
+                await call(self.backend.enrol, req)
+            elif known and known.get("enrolled"):
+                await call(self.backend.unenrol, self._stored(req.key, known))
+            self.pods[req.key] = {"ifname": req.ifname, "ips": [str(i) for i in req.ips],
+                                  "enrolled": enrolled}
+        elif req.op == "unenrol":
+            if known is not None:
+                await call(self.backend.unenrol, self._stored(req.key, known))
+                known["enrolled"] = False
+        elif req.op == "remove_pod":
+            if known is not None:
+                stored = self._stored(req.key, known)
+                await call(self.backend.unenrol, stored)
+                await call(self.backend.detach_pod, stored)
+                del self.pods[req.key]
+        self._save()
+        log.info("enrolment: %s %s", req.op, req.key)
+        return {"ok": True, "pod": self.pods.get(req.key)}
+
+    @staticmethod
+    def _stored(key: str, rec: dict[str, Any]) -> PodRequest:
+        ns, _, name = key.partition("/")
+        return PodRequest("stored", ns, name, str(rec.get("ifname", "")),
+                          tuple(ipaddress.ip_address(i) for i in rec.get("ips", [])))
+
+
+def request(socket_path: str, obj: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Client side (lab, CNI plugin): one request, one answer; EnrolmentError on failure."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(socket_path)
+            s.sendall(json.dumps(obj).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+    except OSError as e:
+        raise EnrolmentError(f"node agent at {socket_path} is not reachable: {e}") from None
+    try:
+        answer = json.loads(buf)
+    except ValueError:
+        raise EnrolmentError(f"node agent at {socket_path} sent a bad answer: {buf[:200]!r}") from None
+    if not isinstance(answer, dict):
+        raise EnrolmentError("bad answer from the node agent")
+    if not answer.get("ok"):
+        raise EnrolmentError(str(answer.get("error", "request failed")))
+    return answer
