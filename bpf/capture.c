@@ -22,6 +22,11 @@
  * Only new connections are affected: a non-SYN segment without a socket always passes, so
  * connections that existed before a pod was enrolled keep working.
  *
+ * Known limits: a SYN that reuses the 4-tuple of an agent socket still in TIME-WAIT goes to
+ * that socket, which answers with its TIME-WAIT ACK; the client's RST clears it and the
+ * retransmitted SYN (about 1 s later) is captured normally. SYN cookies cannot work for
+ * captured connections (the cookie's ACK finds no socket, so it passes).
+ *
  * Everything the programs do not capture is returned with TC_ACT_UNSPEC, which lets the next
  * filter of the same clsact hook (a primary CNI's program) run; captured packets end the
  * chain with TC_ACT_OK because a later redirect would undo the socket assignment.

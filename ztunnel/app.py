@@ -30,6 +30,7 @@ from ztunnel.hbone.tls import ContextCache
 from ztunnel.identity import SpiffeId
 from ztunnel.localconfig import fingerprint, load_mesh_state
 from ztunnel.model import IPAddress
+from ztunnel.proxy.authorization import PolicyEnforcer
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.inbound import InboundProxy
 from ztunnel.proxy.outbound import OutboundProxy
@@ -154,6 +155,8 @@ class Agent:
             transparent=transparent,
             bind_source_ip=s.bind_source_ip,
         )
+        self.enforcer = PolicyEnforcer(self.store, self.tracker, s.node_name)
+        self.ctx.authorize = self.enforcer.authorize
         # Readiness answers (500, pending) from here on, while the listeners come up.
         await self.http.start()
         self.outbound = OutboundProxy(self.ctx)

@@ -59,6 +59,10 @@ def mesh_config(net: str) -> dict[str, object]:
             {"name": "echo", "namespace": "shop", "hostname": "echo.shop.svc.cluster.local",
              "vips": [f"{net}.100"], "ports": {80: 8080}},
         ],
+        "policies": [
+            {"name": "deny-admin-port", "namespace": "shop", "scope": "Namespace",
+             "action": "Deny", "rules": [[[{"destinationPorts": [9090]}]]]},
+        ],
     }
 
 
@@ -95,6 +99,7 @@ async def _run_flows(net: str, socks_a: int, servers: dict[str, EchoServer]) -> 
         ("service by hostname", "echo.shop.svc.cluster.local", 80, "echo-*"),
         ("TCP workload, passthrough", f"{net}.12", 8080, "legacy-b"),
         ("outside the mesh, passthrough", f"{net}.200", 8080, "outside"),
+        ("denied by policy (shop: deny 9090)", f"{net}.11", 9090, "-"),
         ("nothing listening", f"{net}.11", 9, "-"),
     ]
     rows = []
@@ -150,6 +155,7 @@ def run_demo(verbose: bool = False) -> int:
             servers = {
                 "echo-a": await EchoServer(f"{net}.2", 8080).start(),
                 "echo-b": await EchoServer(f"{net}.11", 8080).start(),
+                "echo-b:9090": await EchoServer(f"{net}.11", 9090).start(),
                 "legacy-b": await EchoServer(f"{net}.12", 8080).start(),
                 "outside": await EchoServer(f"{net}.200", 8080).start(),
             }
@@ -167,8 +173,10 @@ def run_demo(verbose: bool = False) -> int:
         print(f"\nclient-a is {net}.1 (spiffe://cluster.local/ns/frontend/sa/web); HBONE "
               "flows are mutual TLS 1.3 + HTTP/2 CONNECT between the two agents; the server "
               "sees the real client address.")
-        failed = [r for r in rows[:-1] if not r[4].startswith("ok")]
-        if failed or not rows[-1][4].startswith("refused"):
+        failed = [r for r in rows[:-2] if not r[4].startswith("ok")]
+        if failed or rows[-2][4] != "refused (SOCKS5 reply 2)" or rows[-1][4] != (
+            "refused (SOCKS5 reply 5)"
+        ):
             print("\ndemo: UNEXPECTED RESULTS (see above); agent logs in", workdir)
             return 1
         return 0

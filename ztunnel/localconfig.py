@@ -9,7 +9,9 @@ error names the file, the path of the bad field and why.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ from ztunnel.model import (
     WorkloadStatus,
 )
 from ztunnel.state import MeshState
+
+log = logging.getLogger(__name__)
 
 ISTIO_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
 
@@ -133,6 +137,15 @@ def _port_map(ctx: _Ctx, value: Any, path: str) -> dict[int, int]:
     return out
 
 
+def _labels(ctx: _Ctx, value: Any, path: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in _mapping(ctx, value, path).items():
+        if not isinstance(k, str) or not isinstance(v, str | int | float | bool):
+            raise ctx.fail(f"{path}.{k}", "labels map strings to strings")
+        out[k] = str(v)
+    return out
+
+
 def _workload(ctx: _Ctx, raw: Any, path: str) -> Workload:
     obj = _mapping(ctx, raw, path)
     name = _str(ctx, obj, "name", path)
@@ -181,6 +194,7 @@ def _workload(ctx: _Ctx, raw: Any, path: str) -> Workload:
         status=status,
         waypoint=_gateway(ctx, obj.get("waypoint"), f"{path}.waypoint"),
         services=services,
+        labels=_labels(ctx, obj.get("labels"), f"{path}.labels"),
         authorization_policies=tuple(
             str(p)
             for p in _list(ctx, obj.get("authorizationPolicies"), f"{path}.authorizationPolicies")
@@ -230,13 +244,14 @@ def _service(ctx: _Ctx, raw: Any, path: str) -> Service:
 
 def parse_documents(docs: list[Any], source: str) -> MeshState:
     """Turn parsed YAML documents into a MeshState; raises ConfigError naming the bad field."""
-    from ztunnel.authz.config import parse_istio_resources, parse_local_policies
+    from ztunnel.authz import parse_istio_resources, parse_local_policies, select_policies
 
     ctx = _Ctx(source)
     workloads: list[Workload] = []
     services: list[Service] = []
     policies: list[Any] = []
     istio_docs: list[tuple[str, Mapping[str, Any]]] = []
+    warnings: list[str] = []
     for d, doc in enumerate(docs):
         if doc is None:
             continue
@@ -258,9 +273,18 @@ def parse_documents(docs: list[Any], source: str) -> MeshState:
             services.append(_service(ctx, raw, f"{dot}services[{i}]"))
         policies.extend(
             parse_local_policies(_list(ctx, obj.get("policies"), f"{dot}policies"), source,
-                                 f"{dot}policies")
+                                 f"{dot}policies", warnings=warnings)
         )
-    policies.extend(parse_istio_resources(istio_docs, source))
+    policies.extend(parse_istio_resources(istio_docs, source, warnings=warnings))
+    # Like istiod: a workload names the selector policies whose labels select it.
+    workloads = [
+        replace(w, authorization_policies=tuple(sorted(
+            set(w.authorization_policies) | set(select_policies(policies, w.namespace, w.labels))
+        )))
+        for w in workloads
+    ]
+    for warning in warnings:
+        log.warning("%s", warning)
     seen_uid: dict[str, str] = {}
     seen_ip: dict[IPAddress, str] = {}
     for w in workloads:
@@ -302,17 +326,10 @@ def load_mesh_state(path: str | Path) -> MeshState:
         docs.extend(loaded)
         sources.extend([str(f)] * len(loaded))
     if p.is_dir():
-        # Parse per file for error messages that name the right file, then merge.
-        states = []
+        # Validate per file so that errors name the right file, then build the state from
+        # all documents together (a policy in one file may select workloads of another).
         for f in _files(p):
-            states.append(parse_documents([d for d, s in zip(docs, sources, strict=True)
-                                           if s == str(f)], str(f)))
-        merged = parse_documents([], str(p))
-        return MeshState.build(
-            [w for s in states for w in s.workloads] + list(merged.workloads),
-            [sv for s in states for sv in s.services],
-            [pol for s in states for pol in s.policies],
-        )
+            parse_documents([d for d, s in zip(docs, sources, strict=True) if s == str(f)], str(f))
     return parse_documents(docs, str(p))
 
 

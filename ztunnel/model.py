@@ -87,6 +87,7 @@ class Workload:
     # "<ns>/<hostname>" -> {service port: target port}
     services: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
     authorization_policies: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def identity(self) -> SpiffeId:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -25,7 +25,7 @@ from ztunnel.lab import topology
 from ztunnel.lab.topology import call_in_netns
 
 if TYPE_CHECKING:
-    from tests.lab.conftest import Lab
+    from tests.lab.conftest import Agent, Lab
 
 pytestmark = pytest.mark.lab
 
@@ -36,12 +36,12 @@ IO_TIMEOUT = 3.0
 IP_TRANSPARENT = 19  # SOL_IP option, include/uapi/linux/in.h
 
 
-def enrol(lab: Lab, agent: Any, pod_name: str) -> None:
+def enrol(lab: Lab, agent: Agent, pod_name: str) -> None:
     pod = lab.topology.pod(pod_name)
     agent.request(op="enrol", name=pod.name, host_ifname=pod.host_ifname, ips=[str(pod.ip)])
 
 
-def unenrol(lab: Lab, agent: Any, pod_name: str) -> None:
+def unenrol(lab: Lab, agent: Agent, pod_name: str) -> None:
     pod = lab.topology.pod(pod_name)
     agent.request(op="unenrol", name=pod.name, host_ifname=pod.host_ifname, ips=[str(pod.ip)])
 
