@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from ztunnel import __version__, logs
+from ztunnel import logs
 from ztunnel.certs import CertificateManager
 from ztunnel.config import Settings
 from ztunnel.errors import ConfigError, ZtunnelError
@@ -38,6 +38,7 @@ from ztunnel.identity import SpiffeId
 from ztunnel.model import Workload
 from ztunnel.proxy.records import ConnectionRecord, ConnectionTracker
 from ztunnel.state import WorkloadStore
+from ztunnel.telemetry import agent_version
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +466,7 @@ def config_dump(agent: AgentView) -> dict[str, Any]:
     pending = readiness_pending(agent)
     return {
         "node": s.node_name,
-        "version": __version__,
+        "version": agent_version(),
         "trust_domain": s.trust_domain,
         "cluster_id": s.cluster_id,
         "mesh_state": {

@@ -15,10 +15,10 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client.registry import CollectorRegistry
 
-from ztunnel import __version__
 from ztunnel.admin import HttpEndpoints
 from ztunnel.ca import CertificateAuthority
 from ztunnel.certs import CertificateManager, CertificateSource, LocalCaSource
@@ -40,6 +40,9 @@ from ztunnel.proxy.sockets import listen, original_destination
 from ztunnel.proxy.socks5 import Socks5Server
 from ztunnel.state import MeshState, WorkloadStore
 from ztunnel.telemetry import Telemetry, combine
+
+if TYPE_CHECKING:
+    from ztunnel.kernel_capture import KernelCapture
 
 log = logging.getLogger("ztunnel")
 
@@ -73,7 +76,7 @@ class Agent:
         # Telemetry: the agent's own metrics registry (never the global one), the observer
         # that feeds it and the access log, and the admin/metrics/readiness HTTP endpoints.
         self.registry = CollectorRegistry()
-        self.telemetry = Telemetry(self.registry, __version__)
+        self.telemetry = Telemetry(self.registry)
         self.tracker = ConnectionTracker(combine(self.telemetry, parts.observer))
         self.http = HttpEndpoints(self, self.registry)
         source = parts.certificate_source or self._certificate_source()
@@ -85,6 +88,7 @@ class Agent:
         self._stopped = asyncio.Event()
         self.draining = False
         self._drain_task: asyncio.Future[None] | None = None
+        self.kernel: KernelCapture | None = None
         self.pool: HbonePool
         self.ctx: ProxyContext
         self.hbone: HboneServer
@@ -175,6 +179,7 @@ class Agent:
             for kind, port in (("outbound", s.outbound_port),
                                ("inbound", s.inbound_plaintext_port), ("hbone", s.hbone_port)):
                 await self._add_listener(kind, "0.0.0.0", port, True)
+            await self._start_capture()
         self._sync_listeners()
         self._spawn(self._watch_file(), "mesh-state-watch")
         # Issue local workloads' certificates up front so the first connection is fast.
@@ -184,6 +189,17 @@ class Agent:
                  len(self.store.current.local_workloads(s.node_name)),
                  ", ".join(f"{k[0]}={a.address[0]}:{a.address[1]}"
                            for k, a in sorted(self.listeners.items())))
+
+    async def _start_capture(self) -> None:
+        from ztunnel.kernel_capture import KernelCapture  # imports bcc: only in ebpf mode
+
+        s = self.settings
+        self.kernel = KernelCapture(s)
+        self.ctx.node_ip = ipaddress.ip_address(s.node_ip)
+        self.ctx.local_dial_mark = self.kernel.mark
+        await self.kernel.start(
+            {k: self.listeners[(k, "0.0.0.0")].sock for k in ("outbound", "inbound", "hbone")}
+        )
 
     async def _prefetch(self, ident: SpiffeId) -> None:
         with contextlib.suppress(ZtunnelError):
@@ -315,6 +331,8 @@ class Agent:
             t.cancel()
         await asyncio.gather(*others, return_exceptions=True)
         await self.certs.close()
+        if self.kernel is not None:
+            await self.kernel.close()
         # Last: readiness kept answering 500 and metrics stayed scrapable during the drain.
         await self.http.close()
         self._stopped.set()

@@ -48,6 +48,8 @@ class Settings:
     uplink: str = ""
     node_ip: str = ""
     fail_open: bool = False
+    enrolment_socket: str = "/var/run/ztunnel/ztunnel.sock"
+    state_dir: str = "/var/run/ztunnel"
 
     @property
     def own_ports(self) -> frozenset[int]:
@@ -87,6 +89,8 @@ _SPEC: list[tuple[str, str, str, str]] = [
     ("uplink", "--uplink", "ZTUNNEL_UPLINK", "node interface towards other nodes (ebpf)"),
     ("node_ip", "--node-ip", "ZTUNNEL_NODE_IP", "the node's own address, never captured (ebpf)"),
     ("fail_open", "--fail-open", "ZTUNNEL_FAIL_OPEN", "let enrolled pods' traffic pass uncaptured while no agent runs (ebpf)"),
+    ("enrolment_socket", "--enrolment-socket", "ZTUNNEL_ENROLMENT_SOCKET", "Unix socket of the enrolment API (ebpf)"),
+    ("state_dir", "--state-dir", "ZTUNNEL_STATE_DIR", "directory for the agent's small state files (ebpf)"),
 ]
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -37,6 +37,9 @@ class PoolKey:
     expected_identities: frozenset[SpiffeId]
     next_hop: tuple[IPAddress, int]
     source_ip: IPAddress | None
+    # SO_MARK for the connection: set when the agent dials its own node's listener in
+    # capture mode (the mark routes it to local delivery, like a captured packet).
+    mark: int = 0
 
 
 class HbonePool:
@@ -114,6 +117,8 @@ class HbonePool:
         name = f"hbone-client {key.source_identity.principal} -> {ip}:{port}"
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if key.mark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, key.mark)
             if key.source_ip is not None:
                 if self.transparent_source:
                     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)

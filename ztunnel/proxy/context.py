@@ -52,6 +52,11 @@ class ProxyContext:
     # Bind outbound HBONE connections to the source workload's IP (Istio's pool key has it).
     bind_source_ip: bool = True
     authorize: Authorize = allow_all
+    # Capture mode: the node's own address and the mark that routes a dial to the agent's own
+    # listeners. Same-node HBONE is dialed from the node address with that mark, and the
+    # inbound side then trusts the `forwarded` header for the original client address.
+    node_ip: IPAddress | None = None
+    local_dial_mark: int = 0
     rng: random.Random = field(default_factory=random.Random)
 
     def local_workload(self, ip: IPAddress) -> Workload | None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from ztunnel.errors import ProxyError
+from ztunnel.errors import ProxyError, ZtunnelError
+from ztunnel.hbone.headers import parse_authority
 from ztunnel.hbone.connection import HboneStream
 from ztunnel.hbone.protocol import ConnectRequested
 from ztunnel.model import IPAddress, Workload
@@ -21,6 +22,21 @@ from ztunnel.proxy.relay import TcpEnd, relay_stream, relay_tcp
 from ztunnel.proxy.sockets import connect_from
 
 log = logging.getLogger(__name__)
+
+
+def forwarded_client(value: str) -> tuple[str, int] | None:
+    """The `for=` node of an RFC 7239 Forwarded header as (ip, port), if it is an address."""
+    for part in value.split(";"):
+        k, _, v = part.strip().partition("=")
+        if k.lower() != "for":
+            continue
+        v = v.strip('"')
+        try:
+            ip, port = parse_authority(v)
+        except ZtunnelError:
+            return None
+        return str(ip), port
+    return None
 
 
 class InboundProxy:
@@ -39,6 +55,9 @@ class InboundProxy:
     async def handle_stream(self, stream: HboneStream, req: ConnectRequested) -> None:
         ctx = self.ctx
         peer, local_ip = self._connection_addresses(stream)
+        if ctx.node_ip is not None and peer[0] == str(ctx.node_ip):
+            # Our own same-node dial (capture mode): the client is in `forwarded`.
+            peer = forwarded_client(req.headers.get("forwarded", "")) or peer
         target_ip, target_port = req.target
         rec = ConnectionRecord(
             "inbound", peer, (str(target_ip), target_port),

@@ -75,12 +75,14 @@ class OutboundProxy:
         rec.path = "waypoint" if r.via_waypoint else "hbone"
         rec.mtls = True
         rec.hbone_target = format_authority(*r.next_hop)
-        key = PoolKey(
-            source.identity,
-            r.identities,
-            r.next_hop,
-            src[0] if ctx.bind_source_ip else None,
-        )
+        source_ip: IPAddress | None = src[0] if ctx.bind_source_ip else None
+        mark = 0
+        if ctx.local_dial_mark and ctx.node_ip is not None and (
+            ctx.local_workload(r.next_hop[0]) is not None
+        ):
+            # Same node with kernel capture: our own listener, reached through local delivery.
+            source_ip, mark = ctx.node_ip, ctx.local_dial_mark
+        key = PoolKey(source.identity, r.identities, r.next_hop, source_ip, mark)
         request = ConnectRequest(
             authority=format_authority(*r.target),
             baggage=baggage_for(source),

@@ -11,7 +11,12 @@ The HTTP side (serving `/metrics`, readiness and the admin API) is in `ztunnel.a
 
 from ztunnel.telemetry.accesslog import ACCESS_LOGGER, AccessLog, access_fields
 from ztunnel.telemetry.labels import UNKNOWN, TrafficLabels, traffic_labels
-from ztunnel.telemetry.metrics import TrafficMetrics, register_build_info, register_process_metrics
+from ztunnel.telemetry.metrics import (
+    TrafficMetrics,
+    agent_version,
+    register_build_info,
+    register_process_metrics,
+)
 from ztunnel.telemetry.observer import FanOut, Telemetry, combine
 
 __all__ = [
@@ -23,6 +28,7 @@ __all__ = [
     "TrafficLabels",
     "TrafficMetrics",
     "access_fields",
+    "agent_version",
     "combine",
     "register_build_info",
     "register_process_metrics",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
@@ -117,6 +118,20 @@ class TrafficMetrics(Collector):
     def describe(self) -> Iterable[Metric]:
         names = TrafficLabels.label_names()
         return [CounterMetricFamily(n, _HELP[n], labels=names) for n in _HELP]
+
+
+def agent_version() -> str:
+    """The agent's version: `ztunnel.__version__`, else the installed distribution's."""
+    import ztunnel
+
+    # An editable install can expose `ztunnel` as a namespace package (its __init__ unrun).
+    version = getattr(ztunnel, "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        return importlib.metadata.version("ztunnel-py")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def register_build_info(registry: CollectorRegistry, version: str) -> None:

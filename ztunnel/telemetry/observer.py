@@ -12,6 +12,7 @@ from ztunnel.proxy.records import ConnectionRecord, Observer
 from ztunnel.telemetry.accesslog import AccessLog
 from ztunnel.telemetry.metrics import (
     TrafficMetrics,
+    agent_version,
     register_build_info,
     register_process_metrics,
 )
@@ -29,14 +30,14 @@ class Telemetry:
     def __init__(
         self,
         registry: CollectorRegistry,
-        version: str,
+        version: str | None = None,
         access_log: AccessLog | None = None,
         process_metrics: bool = True,
     ) -> None:
         self.registry = registry
         self.metrics = TrafficMetrics(registry)
         self.access_log = access_log or AccessLog()
-        register_build_info(registry, version)
+        register_build_info(registry, version or agent_version())
         if process_metrics:
             register_process_metrics(registry)
 

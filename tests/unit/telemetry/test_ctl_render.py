@@ -35,7 +35,7 @@ def test_tables_align_and_fill_missing_values() -> None:
     assert lines[1].split()[:3] == ["a", "long-name", "10.0.0.1,fd00::1"]  # local first
     assert lines[1].split()[-1] == "a/wp"
     assert lines[2].split()[:5] == ["b", "x", "10.0.0.2", "-", "no"]
-    assert lines[0].index("NAME") == lines[1].index("long-name")
+    assert lines[0].index(" NAME ") + 1 == lines[1].index("long-name")
 
 
 def test_services_count_endpoints_and_policies_accept_strings() -> None:
