@@ -87,6 +87,31 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(verbose=args.verbose)
 
 
+def _lab(args: argparse.Namespace) -> int:
+    from ztunnel.lab import demo, runner, topology
+    from ztunnel.lab.topology import LabError
+
+    try:
+        if args.lab_command == "up":
+            t = runner.up(args.nodes, args.pods, lambda m: print(f"  .. {m}", flush=True))
+            print(f"lab {t.lab_id} is up; `ztunnel lab status` shows it, `ztunnel lab down` "
+                  "removes it")
+            return 0
+        if args.lab_command == "demo":
+            return demo.main(args.nodes, args.pods, args.keep)
+        if args.lab_command == "status":
+            return runner.print_status()
+        if args.lab_command == "down":
+            removed = runner.down(args.lab)
+            print("removed: " + (", ".join(removed) if removed else "nothing"))
+            left = [n for n in topology.list_netns() if topology.LAB_NETNS_RE.match(n)]
+            return 1 if left and args.lab is None else 0
+    except (LabError, ZtunnelError) as e:
+        print(f"ztunnel lab: {e}", file=sys.stderr)
+        return 1
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ztunnel",
@@ -120,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     ctl.add_parser(sub)
+    lab = sub.add_parser("lab", help="the network-namespace lab (root): nodes, pods, eBPF")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    for name, text in (("up", "build a lab and start its agents"),
+                       ("demo", "build a lab, send every kind of flow, summarise, tear down")):
+        p = lab_sub.add_parser(name, help=text)
+        p.add_argument("--nodes", type=int, default=2)
+        p.add_argument("--pods", type=int, default=3, help="pods per node")
+        if name == "demo":
+            p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    lab_sub.add_parser("status", help="labs, agents, enrolled pods, connections")
+    down = lab_sub.add_parser("down", help="remove labs (all, also leftovers of killed runs)")
+    down.add_argument("--lab", default=None, help="only this lab id")
+    lab.set_defaults(func=_lab)
     return parser
 
 

@@ -47,4 +47,6 @@ class ProxyError(ZtunnelError):
 
     def __init__(self, message: str, response_flag: str = "CONNECT") -> None:
         self.response_flag = response_flag
+        # The connection record as far as it got (set by the outbound proxy), for telemetry.
+        self.record: object | None = None
         super().__init__(message)

@@ -15,9 +15,10 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from ztunnel.errors import ConnectRejected, HboneError
+from ztunnel.errors import ConnectRejected, HboneError, IdentityError
 from ztunnel.hbone import protocol as p
 from ztunnel.hbone.headers import ConnectRequest
+from ztunnel.hbone.tls import peer_der
 from ztunnel.identity import SpiffeId
 
 log = logging.getLogger(__name__)
@@ -189,12 +190,14 @@ class HboneConnection(asyncio.Protocol):
         client: bool,
         handler: StreamHandler | None = None,
         name: str = "",
+        peer_check: Callable[[bytes], SpiffeId] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.client = client
         self.name = name
         self._proto = p.HboneProtocol(client, self.loop.time())
         self._handler = handler
+        self._peer_check = peer_check
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, HboneStream] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -213,10 +216,22 @@ class HboneConnection(asyncio.Protocol):
         # uvloop's SSL transport is not an asyncio.Transport subclass, but behaves as one.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self._peer_check is not None:
+            # The TLS handshake is complete here, before any HTTP/2 byte is processed: the
+            # peer's identity is known (or the connection refused) before any stream exists.
+            try:
+                self.peer_identity = self._peer_check(peer_der(self.ssl_object))
+            except IdentityError as e:
+                self.failure = str(e)
+                self._teardown(StreamClosed(f"peer rejected: {e}"))
+                self.transport.abort()
+                return
         self._flush()
         self._keepalive = self.loop.call_later(KEEPALIVE_TICK, self._tick)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed.done():
+            return
         events = self._proto.receive(data, self.loop.time())
         for ev in events:
             self._dispatch(ev)

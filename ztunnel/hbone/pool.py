@@ -17,7 +17,7 @@ from ztunnel.certs import CertificateManager
 from ztunnel.errors import HboneError, ZtunnelError
 from ztunnel.hbone.connection import HboneConnection, HboneStream
 from ztunnel.hbone.headers import ConnectRequest
-from ztunnel.hbone.tls import ContextCache, PeerRejected, check_server_identity, peer_der
+from ztunnel.hbone.tls import ContextCache, check_server_identity
 from ztunnel.identity import SpiffeId
 from ztunnel.model import IPAddress
 
@@ -134,7 +134,10 @@ class HbonePool:
             # server_hostname is an IP literal: OpenSSL sends no SNI for it (WIRE.md: no SNI),
             # and check_hostname is off: the SPIFFE check below is what authenticates.
             _, conn = await loop.create_connection(
-                lambda: HboneConnection(client=True, name=name),
+                lambda: HboneConnection(
+                    client=True, name=name,
+                    peer_check=lambda der: check_server_identity(der, key.expected_identities),
+                ),
                 sock=sock,
                 ssl=ctx,
                 server_hostname=str(ip),
@@ -143,13 +146,9 @@ class HbonePool:
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as e:
             sock.close()
             raise TlsFailure(f"TLS handshake with {ip}:{port} failed: {e}", 503) from None
-        try:
-            conn.peer_identity = check_server_identity(
-                peer_der(conn.ssl_object), key.expected_identities
-            )
-        except PeerRejected as e:
+        if conn.peer_identity is None:
             conn.abort()
-            raise TlsFailure(f"{ip}:{port}: {e}", 503) from None
+            raise TlsFailure(f"{ip}:{port}: {conn.failure or 'no peer identity'}", 503)
         self.connections_created += 1
         return conn
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from ztunnel.certs import CertificateManager
 from ztunnel.errors import ZtunnelError
 from ztunnel.hbone.connection import HboneConnection, StreamHandler
-from ztunnel.hbone.tls import ContextCache, PeerRejected, check_client_identity, peer_der
+from ztunnel.hbone.tls import ContextCache, check_client_identity
 from ztunnel.identity import SpiffeId
 from ztunnel.model import IPAddress
 
@@ -91,7 +91,8 @@ class HboneServer:
         try:
             _, conn = await loop.connect_accepted_socket(
                 lambda: HboneConnection(
-                    client=False, handler=self.handler, name=f"hbone-server {peer[0]}"
+                    client=False, handler=self.handler, name=f"hbone-server {peer[0]}",
+                    peer_check=lambda der: check_client_identity(der, self.trust_domain),
                 ),
                 sock,
                 ssl=ctx,
@@ -103,12 +104,10 @@ class HboneServer:
                 self.on_tls_failure(peer, str(e))
             sock.close()
             return
-        try:
-            conn.peer_identity = check_client_identity(peer_der(conn.ssl_object), self.trust_domain)
-        except PeerRejected as e:
-            log.info("HBONE client %s:%d rejected: %s", peer[0], peer[1], e)
+        if conn.peer_identity is None:
+            log.info("HBONE client %s:%d rejected: %s", peer[0], peer[1], conn.failure)
             if self.on_tls_failure:
-                self.on_tls_failure(peer, str(e))
+                self.on_tls_failure(peer, conn.failure or "no peer identity")
             conn.abort()
             return
         if self.draining:

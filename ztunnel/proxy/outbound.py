@@ -3,7 +3,6 @@ HBONE (directly or via a waypoint) or passed through as plain TCP."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -41,14 +40,23 @@ class OutboundProxy:
         self.ctx = ctx
 
     async def open(self, src: tuple[IPAddress, int], dst: tuple[IPAddress, int]) -> Upstream:
-        """Resolve and connect; ProxyError (with the telemetry flag) when that fails."""
+        """Resolve and connect; ProxyError (with the telemetry flag and the record as far as
+        it got) when that fails."""
+        rec = ConnectionRecord("outbound", (str(src[0]), src[1]), (str(dst[0]), dst[1]))
+        try:
+            return await self._open(rec, src, dst)
+        except ProxyError as e:
+            e.record = rec
+            raise
+
+    async def _open(
+        self, rec: ConnectionRecord, src: tuple[IPAddress, int], dst: tuple[IPAddress, int]
+    ) -> Upstream:
         ctx = self.ctx
         state = ctx.store.current
         source = ctx.local_workload(src[0])
-        rec = ConnectionRecord(
-            "outbound", (str(src[0]), src[1]), (str(dst[0]), dst[1]), src_workload=source,
-            src_identity=source.identity if source else None,
-        )
+        rec.src_workload = source
+        rec.src_identity = source.identity if source else None
         if source is None:
             raise ProxyError(f"source {src[0]} is not a workload on this node", "NR")
         if dst[1] in ctx.own_ports and ctx.local_workload(dst[0]) is not None:
@@ -126,19 +134,12 @@ class OutboundProxy:
         await self.relay(app, up)
 
     def failed(self, src: tuple[IPAddress, int], dst: tuple[IPAddress, int], e: ProxyError) -> None:
-        rec = ConnectionRecord("outbound", (str(src[0]), src[1]), (str(dst[0]), dst[1]))
-        rec.src_workload = self.ctx.local_workload(src[0])
-        rec.src_identity = rec.src_workload.identity if rec.src_workload else None
+        rec = e.record if isinstance(e.record, ConnectionRecord) else ConnectionRecord(
+            "outbound", (str(src[0]), src[1]), (str(dst[0]), dst[1])
+        )
         rec.error = str(e)
         rec.response_flag = e.response_flag
         self.ctx.tracker.open(rec)
         self.ctx.tracker.close(rec)
         log.info("outbound %s:%d -> %s:%d failed: %s", src[0], src[1], dst[0], dst[1], e)
 
-
-async def cancel_quietly(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, Exception):
-        pass
