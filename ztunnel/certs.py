@@ -58,6 +58,7 @@ class _Entry:
     pending: asyncio.Future[IssuedCertificate] | None = None
     renewer: asyncio.Task[None] | None = None
     failures: int = 0
+    aged: bool = False  # the last renewal already returned a certificate past half-life
     last_error: str | None = None
     listeners: list[Callable[[IssuedCertificate], None]] = field(default_factory=list)
 
@@ -139,23 +140,37 @@ class CertificateManager:
         base = min(BACKOFF_MAX, BACKOFF_START * (2 ** max(0, failures - 1)))
         return base * self._rng.uniform(0.5, 1.0)
 
+    def renewal_delay(self, cert: IssuedCertificate, aged_again: bool = False) -> float:
+        """Seconds until the next renewal: at half-life. A certificate already past it is
+        renewed at once, but if its replacement came back aged too (short TTLs, backdating,
+        clock skew) the next try waits half of what remains: no tight loop."""
+        now = self._now()
+        remaining = (cert.not_after - now).total_seconds()
+        if remaining <= 0:
+            return BACKOFF_START
+        until_half_life = (self.renew_at(cert) - now).total_seconds()
+        if until_half_life > 0:
+            return until_half_life
+        return remaining / 2 if aged_again else 0.0
+
     async def _renew_loop(self, identity: SpiffeId, entry: _Entry) -> None:
         while not self._closed:
             assert entry.cert is not None
-            delay = (self.renew_at(entry.cert) - self._now()).total_seconds()
             if entry.failures:
                 delay = self.backoff(entry.failures)
-            if delay > 0:
-                await asyncio.sleep(delay)
+            else:
+                delay = self.renewal_delay(entry.cert, entry.aged)
+            await asyncio.sleep(delay)
             try:
                 cert = await self._fetch(identity)
-            except CertificateError as e:
+            except ZtunnelError as e:
                 entry.failures += 1
                 entry.last_error = str(e)
                 log.warning("certificate renewal for %s failed (attempt %d): %s",
                             identity, entry.failures, e)
                 continue
             self._store(identity, entry, cert)
+            entry.aged = self.renewal_delay(cert) <= 0
             log.info("renewed certificate for %s, valid until %s", identity, cert.not_after)
 
     def snapshot(self) -> list[dict[str, object]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -34,29 +35,62 @@ T = TypeVar("T")
 
 
 def mesh_config(net: str) -> dict[str, Any]:
-    def wl(name: str, ns: str, sa: str, ip: str, node: str, canonical: str, rev: str,
-           **extra: Any) -> dict[str, Any]:
-        return {"uid": f"Kubernetes//Pod/{ns}/{name}", "name": name, "namespace": ns,
-                "serviceAccount": sa, "workloadIps": [ip], "protocol": "HBONE", "node": node,
-                "canonicalName": canonical, "canonicalRevision": rev, **extra}
+    def wl(
+        name: str, ns: str, sa: str, ip: str, node: str, canonical: str, rev: str, **extra: Any
+    ) -> dict[str, Any]:
+        return {
+            "uid": f"Kubernetes//Pod/{ns}/{name}",
+            "name": name,
+            "namespace": ns,
+            "serviceAccount": sa,
+            "workloadIps": [ip],
+            "protocol": "HBONE",
+            "node": node,
+            "canonicalName": canonical,
+            "canonicalRevision": rev,
+            **extra,
+        }
 
     return {
         "workloads": [
             wl("client-a", "frontend", "web", f"{net}.1", "node-a", "client", "v1"),
-            wl("echo-b", "shop", "echo", f"{net}.11", "node-b", "echo", "v2",
-               services={f"shop/{HOSTNAME}": {80: 8080}}),
+            wl(
+                "echo-b",
+                "shop",
+                "echo",
+                f"{net}.11",
+                "node-b",
+                "echo",
+                "v2",
+                services={f"shop/{HOSTNAME}": {80: 8080}},
+            ),
         ],
-        "services": [{"name": "echo", "namespace": "shop", "hostname": HOSTNAME,
-                      "vips": [f"{net}.100"], "ports": {80: 8080}}],
+        "services": [
+            {
+                "name": "echo",
+                "namespace": "shop",
+                "hostname": HOSTNAME,
+                "vips": [f"{net}.100"],
+                "ports": {80: 8080},
+            }
+        ],
     }
 
 
 def agent_settings(node: str, cfg: Path, ca_dir: Path, hbone_port: int, **kw: Any) -> Settings:
     values: dict[str, Any] = dict(
-        node_name=node, local_xds_path=str(cfg), ca_dir=str(ca_dir), hbone_port=hbone_port,
-        outbound_port=free_port(), inbound_plaintext_port=free_port(), socks5_port=free_port(),
-        admin_port=free_port(), stats_port=free_port(), readiness_port=free_port(),
-        drain_timeout=3.0, reload_interval=60.0,
+        node_name=node,
+        local_xds_path=str(cfg),
+        ca_dir=str(ca_dir),
+        hbone_port=hbone_port,
+        outbound_port=free_port(),
+        inbound_plaintext_port=free_port(),
+        socks5_port=free_port(),
+        admin_port=free_port(),
+        stats_port=free_port(),
+        readiness_port=free_port(),
+        drain_timeout=3.0,
+        reload_interval=60.0,
     )
     values.update(kw)
     return Settings(**values)
@@ -65,18 +99,20 @@ def agent_settings(node: str, cfg: Path, ca_dir: Path, hbone_port: int, **kw: An
 async def http(addr: tuple[str, int] | None, path: str, method: str = "GET") -> tuple[int, str]:
     assert addr is not None
     r, w = await asyncio.wait_for(asyncio.open_connection(*addr), 5)
-    w.write(f"{method} {path} HTTP/1.1\r\nHost: {addr[0]}:{addr[1]}\r\n"
-            "Content-Length: 0\r\n\r\n".encode())
+    w.write(
+        f"{method} {path} HTTP/1.1\r\nHost: {addr[0]}:{addr[1]}\r\n"
+        "Content-Length: 0\r\n\r\n".encode()
+    )
     data = await asyncio.wait_for(r.read(), 5)
     w.close()
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split(b" ")[1]), body.decode()
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], what: str, timeout: float = 10.0) -> T:
+async def eventually(probe: Callable[[], Awaitable[T]], what: str, within: float = 10.0) -> T:
     """Poll `probe` until it returns something truthy (never sleep to synchronise)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while True:
         value = await probe()
         if value:
@@ -103,8 +139,12 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def series(text: str, name: str, **labels: str) -> list[dict[str, str]]:
-    return [dict(s.labels) for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    return [
+        dict(s.labels)
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
 
 
 @dataclass
@@ -114,11 +154,13 @@ class Mesh:
     b: Agent
     echo: EchoServer
 
-    async def connect(self, dest: str, port: int) -> tuple[asyncio.StreamReader,
-                                                           asyncio.StreamWriter]:
+    async def connect(
+        self, dest: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         assert self.a.settings.socks5_port
-        return await socks5_connect(("127.0.0.1", self.a.settings.socks5_port), dest, port,
-                                    source_ip=f"{self.net}.1")
+        return await socks5_connect(
+            ("127.0.0.1", self.a.settings.socks5_port), dest, port, source_ip=f"{self.net}.1"
+        )
 
     async def exchange(self, payload: bytes) -> bytes:
         r, w = await self.connect(f"{self.net}.100", 80)
@@ -149,7 +191,7 @@ async def two_agents(tmp_path: Path) -> AsyncIterator[Mesh]:
             agents.append(agent)
             await agent.start()
         for agent in agents:
-            await eventually(lambda agent=agent: ready(agent), "readiness")  # type: ignore[misc]
+            await eventually(functools.partial(ready, agent), "readiness")
         yield Mesh(net, agents[0], agents[1], echo)
     finally:
         await echo.close()
@@ -176,22 +218,36 @@ def test_both_reporters_count_connections_and_exact_bytes(tmp_path: Path) -> Non
             source = await eventually(lambda: closed(mesh.a, "source"), "source close")
             dest = await eventually(lambda: closed(mesh.b, "destination"), "destination close")
             common = {
-                "source_workload": "client-a", "source_canonical_service": "client",
-                "source_canonical_revision": "v1", "source_workload_namespace": "frontend",
-                "source_principal": WEB, "source_app": "client", "source_version": "v1",
-                "source_cluster": "Kubernetes", "destination_workload": "echo-b",
-                "destination_canonical_service": "echo", "destination_canonical_revision": "v2",
-                "destination_workload_namespace": "shop", "destination_principal": ECHO,
-                "destination_app": "echo", "destination_version": "v2",
-                "destination_cluster": "Kubernetes", "request_protocol": "tcp",
-                "response_flags": "-", "connection_security_policy": "mutual_tls",
+                "source_workload": "client-a",
+                "source_canonical_service": "client",
+                "source_canonical_revision": "v1",
+                "source_workload_namespace": "frontend",
+                "source_principal": WEB,
+                "source_app": "client",
+                "source_version": "v1",
+                "source_cluster": "Kubernetes",
+                "destination_workload": "echo-b",
+                "destination_canonical_service": "echo",
+                "destination_canonical_revision": "v2",
+                "destination_workload_namespace": "shop",
+                "destination_principal": ECHO,
+                "destination_app": "echo",
+                "destination_version": "v2",
+                "destination_cluster": "Kubernetes",
+                "request_protocol": "tcp",
+                "response_flags": "-",
+                "connection_security_policy": "mutual_tls",
             }
             for text, reporter in ((source, "source"), (dest, "destination")):
                 labels = {**common, "reporter": reporter}
                 (opened,) = series(text, "istio_tcp_connections_opened_total", **labels)
-                assert set(opened) == {*common, "reporter", "destination_service",
-                                       "destination_service_namespace",
-                                       "destination_service_name"}
+                assert set(opened) == {
+                    *common,
+                    "reporter",
+                    "destination_service",
+                    "destination_service_namespace",
+                    "destination_service_name",
+                }
                 assert metric(text, "istio_tcp_connections_opened_total", **labels) == 1
                 assert metric(text, "istio_tcp_connections_closed_total", **labels) == 1
                 # received = from the client (the request), sent = back to it (the response)
@@ -203,9 +259,17 @@ def test_both_reporters_count_connections_and_exact_bytes(tmp_path: Path) -> Non
                 other = "destination" if reporter == "source" else "source"
                 assert metric(text, "istio_tcp_connections_opened_total", reporter=other) == 0
             # The sending side knows the service it addressed.
-            assert metric(source, "istio_tcp_connections_opened_total", reporter="source",
-                          destination_service=HOSTNAME, destination_service_name="echo",
-                          destination_service_namespace="shop") == 1
+            assert (
+                metric(
+                    source,
+                    "istio_tcp_connections_opened_total",
+                    reporter="source",
+                    destination_service=HOSTNAME,
+                    destination_service_name="echo",
+                    destination_service_namespace="shop",
+                )
+                == 1
+            )
             assert 'istio_build{component="ztunnel",tag="0.1.0"} 1.0' in source
             assert "process_cpu_seconds_total" in source or "python_info" in source
             status, same = await http(mesh.a.http.address("stats"), "/stats/prometheus")
@@ -241,7 +305,10 @@ def test_byte_counters_move_while_the_connection_is_open(tmp_path: Path) -> None
             assert status == 200
             (live,) = json.loads(body)["connections"]["live"]
             assert (live["direction"], live["src_identity"], live["dst_identity"]) == (
-                "outbound", WEB, ECHO)
+                "outbound",
+                WEB,
+                ECHO,
+            )
             assert (live["bytes_sent"], live["bytes_recv"]) == (sent, sent + len(HELLO))
             w.close()
 
@@ -255,11 +322,12 @@ def test_failed_connection_is_counted_with_a_response_flag(tmp_path: Path) -> No
                 await mesh.connect(f"{mesh.net}.11", 9)  # nothing listens there
 
             async def failed(agent: Agent, reporter: str) -> list[dict[str, str]]:
-                return series(await scrape(agent), "istio_tcp_connections_closed_total",
-                              reporter=reporter)
+                return series(
+                    await scrape(agent), "istio_tcp_connections_closed_total", reporter=reporter
+                )
 
             for agent, reporter in ((mesh.a, "source"), (mesh.b, "destination")):
-                (labels,) = await eventually(lambda a=agent, r=reporter: failed(a, r), reporter)
+                (labels,) = await eventually(functools.partial(failed, agent, reporter), reporter)
                 assert labels["response_flags"] not in ("-", "")
                 assert labels["response_flags"] == "CONNECT"
                 assert labels["source_workload"] == "client-a"
@@ -305,10 +373,14 @@ def test_json_access_log_lines_carry_identities_and_bytes(tmp_path: Path) -> Non
             assert out["dst.hbone_addr"] == f"{mesh.net}.100:80"
             assert inb["dst.addr"] == inb["dst.hbone_addr"] == f"{mesh.net}.11:8080"
             # Each agent's bytes as it sent/received them over the mesh hop.
-            assert (out["bytes_sent"], out["bytes_recv"]) == (len(payload),
-                                                              len(HELLO) + len(payload))
-            assert (inb["bytes_sent"], inb["bytes_recv"]) == (len(HELLO) + len(payload),
-                                                              len(payload))
+            assert (out["bytes_sent"], out["bytes_recv"]) == (
+                len(payload),
+                len(HELLO) + len(payload),
+            )
+            assert (inb["bytes_sent"], inb["bytes_recv"]) == (
+                len(HELLO) + len(payload),
+                len(payload),
+            )
 
     try:
         run(scenario)
@@ -335,12 +407,6 @@ def test_readiness_goes_500_first_then_listeners_close_and_drain_ends(tmp_path: 
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hbone: h2's close_connection() (used for GOAWAY) moves the whole HTTP/2 "
-    "connection to CLOSED, so DATA on streams that are still open cannot be sent and they "
-    "are torn down instead of getting the drain grace period",
-)
 def test_open_connection_keeps_working_during_the_drain_grace_period(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with two_agents(tmp_path) as mesh:
@@ -365,12 +431,25 @@ def test_readiness_lists_what_is_pending(tmp_path: Path) -> None:
         CertificateAuthority.create("cluster.local").save(ca_dir)
         cfg = tmp_path / "mesh.yaml"
         # 192.0.2.10 (TEST-NET-1) is not an address of this host: its listeners cannot bind.
-        cfg.write_text(yaml.safe_dump({"workloads": [{
-            "uid": "u", "name": "w", "namespace": "ns", "workloadIps": ["192.0.2.10"],
-            "node": "node-c"}]}))
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "workloads": [
+                        {
+                            "uid": "u",
+                            "name": "w",
+                            "namespace": "ns",
+                            "workloadIps": ["192.0.2.10"],
+                            "node": "node-c",
+                        }
+                    ]
+                }
+            )
+        )
         agent = Agent(agent_settings("node-c", cfg, ca_dir, free_port(), socks5_port=0))
         await agent.start()
         try:
+
             async def pending() -> str:
                 status, body = await http(agent.http.address("readiness"), "/healthz/ready")
                 assert status == 500

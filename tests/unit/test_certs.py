@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -25,8 +27,9 @@ TEMPLATE = CA.issue(ID)
 
 def cert_valid(not_before: dt.datetime, not_after: dt.datetime) -> IssuedCertificate:
     """A certificate record with the given validity (the manager only reads the times)."""
-    return IssuedCertificate(ID, TEMPLATE.key_pem, TEMPLATE.chain_pem, TEMPLATE.roots_pem,
-                             not_before, not_after)
+    return IssuedCertificate(
+        ID, TEMPLATE.key_pem, TEMPLATE.chain_pem, TEMPLATE.roots_pem, not_before, not_after
+    )
 
 
 class FakeSource:
@@ -118,8 +121,11 @@ async def test_renewal_at_half_life_with_an_injected_clock() -> None:
     made = []
 
     def make() -> IssuedCertificate:
-        c = cert_valid(t0, t0 + dt.timedelta(hours=24)) if not made else cert_valid(
-            t0 + dt.timedelta(hours=12), t0 + dt.timedelta(hours=36))
+        c = (
+            cert_valid(t0, t0 + dt.timedelta(hours=24))
+            if not made
+            else cert_valid(t0 + dt.timedelta(hours=12), t0 + dt.timedelta(hours=36))
+        )
         made.append(c)
         return c
 
@@ -144,27 +150,57 @@ async def test_renewal_at_half_life_with_an_injected_clock() -> None:
         await mgr.close()
 
 
-async def test_renewal_with_a_short_real_ttl() -> None:
-    """LocalCaSource with a short TTL: the certificate is replaced before it expires."""
-    src = LocalCaSource(CA, ttl=dt.timedelta(seconds=2))
+SHORT_TTL_SCRIPT = """
+import asyncio, datetime as dt, sys
+from ztunnel.ca import CertificateAuthority
+from ztunnel.certs import CertificateManager, LocalCaSource
+from ztunnel.identity import SpiffeId
+
+async def main():
+    ident = SpiffeId("cluster.local", "shop", "echo")
+    src = LocalCaSource(CertificateAuthority.create("cluster.local"), ttl=dt.timedelta(seconds=4))
+    calls = 0
+    fetch = src.fetch
+    async def counting(identity):
+        nonlocal calls
+        calls += 1
+        return await fetch(identity)
+    src.fetch = counting
     mgr = CertificateManager(src)
+    first = await mgr.get(ident)
+    for _ in range(500):
+        if mgr.cached(ident) is not first:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)
+    print("renewed", mgr.cached(ident) is not first, "fetches", calls, flush=True)
+    await mgr.close()
+
+asyncio.run(main())
+"""
+
+
+def test_renewal_with_a_short_real_ttl() -> None:
+    """LocalCaSource with a 4 s TTL renews before expiry, and not in a loop. Run in a child
+    process: a renewal loop that never yields would hang this test's event loop for good."""
     try:
-        first = await mgr.get(ID)
-        assert first.not_after - utc() <= dt.timedelta(seconds=3)
-        await async_wait_for(lambda: mgr.cached(ID) is not first, 10)
-        second = mgr.cached(ID)
-        assert second is not None and second.not_after > first.not_after - dt.timedelta(seconds=1)
-        # It does not renew in a tight loop either.
-        assert await mgr.get(ID) is not None
-    finally:
-        await mgr.close()
+        res = subprocess.run(
+            [sys.executable, "-c", SHORT_TTL_SCRIPT], capture_output=True, text=True, timeout=15
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the event loop hung: the renewal loop never yields (fetch after fetch)")
+    assert res.returncode == 0, res.stderr
+    words = res.stdout.split()
+    assert words[:2] == ["renewed", "True"], res.stdout
+    assert int(words[3]) <= 5, f"{words[3]} certificates fetched within ~5 s"
 
 
 async def test_no_tight_loop_when_a_certificate_is_already_past_half_life() -> None:
     """A CA that hands out certificates whose half-life has already passed (short TTL, clock
     skew) must not be asked again and again without pause."""
-    src = FakeSource(lambda: cert_valid(utc() - dt.timedelta(seconds=60),
-                                        utc() + dt.timedelta(seconds=30)))
+    src = FakeSource(
+        lambda: cert_valid(utc() - dt.timedelta(seconds=60), utc() + dt.timedelta(seconds=30))
+    )
     mgr = CertificateManager(src)
     try:
         await mgr.get(ID)
@@ -247,7 +283,7 @@ async def test_expired_certificate_is_not_served() -> None:
 async def test_local_ca_source_refuses_a_foreign_trust_domain() -> None:
     mgr = CertificateManager(LocalCaSource(CA))
     try:
-        with pytest.raises(CertificateError, match="other.local"):
+        with pytest.raises(CertificateError, match=r"other\.local"):
             await mgr.get(SpiffeId("other.local", "shop", "echo"))
         cert = await mgr.get(ID)
         assert cert.identity == ID

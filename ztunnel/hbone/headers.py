@@ -18,7 +18,7 @@ def format_authority(ip: IPAddress, port: int) -> str:
 def parse_authority(authority: str) -> tuple[IPAddress, int]:
     """`ip:port` -> (ip, port); anything else -> HboneError(400)."""
     host, sep, port_s = authority.rpartition(":")
-    if not sep or not port_s.isdigit():
+    if not sep or not (port_s.isascii() and port_s.isdigit()):
         raise HboneError(f"bad authority {authority!r}: expected ip:port", 400)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -31,6 +31,8 @@ def parse_authority(authority: str) -> tuple[IPAddress, int]:
         raise HboneError(f"bad authority {authority!r}: host is not an IP address", 400) from None
     if ip.version == 6 and not v6:
         raise HboneError(f"bad authority {authority!r}: IPv6 must be bracketed", 400)
+    if ip.version == 4 and v6:
+        raise HboneError(f"bad authority {authority!r}: only IPv6 is bracketed", 400)
     port = int(port_s)
     if not 0 < port < 65536:
         raise HboneError(f"bad authority {authority!r}: port out of range", 400)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -17,6 +18,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from ztunnel.errors import HboneError
 from ztunnel.hbone.headers import ConnectRequest, parse_authority
@@ -30,6 +32,7 @@ SERVER_MAX_STREAMS = 200
 PING_INTERVAL = 10.0
 PING_TIMEOUT = 20.0
 _DEFAULT_WINDOW = 65535
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 class ErrorCode(enum.IntEnum):
@@ -43,6 +46,7 @@ class ErrorCode(enum.IntEnum):
     FRAME_SIZE_ERROR = 0x6
     REFUSED_STREAM = 0x7
     CANCEL = 0x8
+    COMPRESSION_ERROR = 0x9
     CONNECT_ERROR = 0xA
 
 
@@ -129,6 +133,67 @@ Event = (
 )
 
 
+class _GracefulH2Connection(h2.connection.H2Connection):
+    """h2 treats any GOAWAY, sent or received, as the end of the whole connection: it closes
+    its state machine and drops queued output. RFC 9113 section 6.8 lets streams up to the
+    GOAWAY's last stream id finish, which a graceful drain needs; so a NO_ERROR GOAWAY from
+    the peer only raises the event here, and ours is written as a bare frame (`goaway`)."""
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        if frame.error_code:
+            return super()._receive_goaway_frame(frame)  # type: ignore[no-any-return]
+        ev = h2.events.ConnectionTerminated()
+        ev.error_code = h2.errors.ErrorCodes.NO_ERROR
+        ev.last_stream_id = frame.last_stream_id
+        ev.additional_data = frame.additional_data or None
+        return [], [ev]
+
+    def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        # h2 turns two stream-level errors into connection errors; RFC 9113 wants them
+        # confined to the stream, so one bad request does not kill every tunnel on the
+        # connection.
+        new = frame.stream_id not in self.streams and not self.config.client_side
+        if new and frame.stream_id % 2 == 0:
+            # Section 5.1.1: clients open odd streams; anything else is a connection error.
+            raise h2.exceptions.ProtocolError(f"client opened even stream {frame.stream_id}")
+        if new and self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams:
+            # Section 5.1.2: refuse the stream. Decode the block anyway to keep the HPACK
+            # state in step with the peer (section 4.3).
+            try:
+                self.decoder.decode(frame.data, raw=True)
+            except Exception as e:
+                raise _CompressionError(f"Error decoding header block: {e}") from None
+            self.highest_inbound_stream_id = max(self.highest_inbound_stream_id, frame.stream_id)
+            self._write_rst(frame.stream_id, ErrorCode.REFUSED_STREAM)
+            return [], []
+        try:
+            return super()._receive_headers_frame(frame)  # type: ignore[no-any-return]
+        except (h2.exceptions.TooManyStreamsError, h2.exceptions.StreamIDTooLowError):
+            raise
+        except h2.exceptions.ProtocolError as e:
+            if "decoding header block" in str(e):
+                raise _CompressionError(str(e)) from None
+            if not new:
+                raise
+            # Section 8.1.1: a malformed request is a stream error of type PROTOCOL_ERROR.
+            try:
+                self.reset_stream(frame.stream_id, ErrorCode.PROTOCOL_ERROR)
+            except h2.exceptions.ProtocolError:
+                self._write_rst(frame.stream_id, ErrorCode.PROTOCOL_ERROR)
+            return [], []
+
+    def _write_rst(self, stream_id: int, code: int) -> None:
+        rst = hyperframe.frame.RstStreamFrame(stream_id)
+        rst.error_code = int(code)
+        self._data_to_send += rst.serialize()
+
+
+class _CompressionError(h2.exceptions.ProtocolError):
+    """An undecodable header block: connection error COMPRESSION_ERROR (RFC 9113 4.3)."""
+
+    error_code = h2.errors.ErrorCodes.COMPRESSION_ERROR
+
+
 class HboneProtocol:
     """One HTTP/2 connection carrying HBONE CONNECT streams; `client` selects the side."""
 
@@ -137,8 +202,11 @@ class HboneProtocol:
         cfg = h2.config.H2Configuration(
             client_side=client, header_encoding=None, validate_inbound_headers=True
         )
-        self._h2 = h2.connection.H2Connection(cfg)
+        self._h2 = _GracefulH2Connection(cfg)
         self.closed = False
+        # The peer's first bytes until its first frame header is complete: RFC 9113 section
+        # 3.4 requires the connection preface to start with a SETTINGS frame.
+        self._opening: bytearray | None = bytearray()
         self.goaway_received = False
         self.goaway_sent = False
         self._last_seen = now
@@ -173,6 +241,10 @@ class HboneProtocol:
         if self.closed:
             return []
         self._last_seen = now
+        if self._opening is not None:
+            failure = self._check_opening(data)
+            if failure:
+                return [self._fail(ErrorCode.PROTOCOL_ERROR, failure)]
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
@@ -182,6 +254,21 @@ class HboneProtocol:
         for ev in h2_events:
             self._translate(ev, out)
         return out
+
+    def _check_opening(self, data: bytes) -> str:
+        assert self._opening is not None
+        self._opening += data
+        skip = 0 if self.client else len(_PREFACE)
+        if not self.client and self._opening[: len(_PREFACE)] != _PREFACE[: len(self._opening)]:
+            self._opening = None
+            return "invalid connection preface"
+        if len(self._opening) < skip + 9:
+            return ""
+        frame_type, flags = self._opening[skip + 3], self._opening[skip + 4]
+        self._opening = None
+        if frame_type != 0x4 or flags & 0x1:
+            return "the connection preface must begin with a SETTINGS frame"
+        return ""
 
     def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
         if isinstance(ev, h2.events.DataReceived):
@@ -315,7 +402,13 @@ class HboneProtocol:
         """Graceful drain: no new streams; existing ones finish (RFC 9113 section 6.8)."""
         if not self.goaway_sent and not self.closed:
             self.goaway_sent = True
-            self._h2.close_connection(error_code=code, last_stream_id=self._highest_peer_stream())
+            if code != ErrorCode.NO_ERROR:
+                self._h2.close_connection(error_code=code, last_stream_id=self._highest_peer_stream())
+                return
+            frame = hyperframe.frame.GoAwayFrame(stream_id=0)
+            frame.last_stream_id = self._highest_peer_stream()
+            frame.error_code = int(code)
+            self._h2._data_to_send += frame.serialize()
 
     def _highest_peer_stream(self) -> int:
         return int(self._h2.highest_inbound_stream_id)

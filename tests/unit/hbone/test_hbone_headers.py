@@ -40,9 +40,24 @@ def test_parse_authority() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["example.com:80", "10.0.0.1", "10.0.0.1:", "10.0.0.1:0", "10.0.0.1:65536", "10.0.0.1:70000",
-     "::1:80", "[::1]", "[::1]x:80", "10.0.0.1:+80", "10.0.0.1: 80", "", ":80",
-     "10.0.0.1:\u00b2", "10.0.0.1:\u0663", "[10.0.0.1]:80"],
+    [
+        "example.com:80",
+        "10.0.0.1",
+        "10.0.0.1:",
+        "10.0.0.1:0",
+        "10.0.0.1:65536",
+        "10.0.0.1:70000",
+        "::1:80",
+        "[::1]",
+        "[::1]x:80",
+        "10.0.0.1:+80",
+        "10.0.0.1: 80",
+        "",
+        ":80",
+        "10.0.0.1:\u00b2",
+        "10.0.0.1:\u0663",
+        "[10.0.0.1]:80",
+    ],
 )
 def test_parse_authority_rejects_with_400(bad: str) -> None:
     with pytest.raises(HboneError) as exc:
@@ -51,8 +66,9 @@ def test_parse_authority_rejects_with_400(bad: str) -> None:
 
 
 @given(st.ip_addresses(v=4) | st.ip_addresses(v=6), st.integers(1, 65535))
-def test_authority_round_trips(addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
-                               port: int) -> None:
+def test_authority_round_trips(
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int
+) -> None:
     assert parse_authority(format_authority(addr, port)) == (addr, port)
 
 
@@ -66,7 +82,9 @@ def test_parse_authority_only_ever_raises_hbone_error(text: str) -> None:
 
 def _workload(**kw: object) -> Workload:
     base: dict[str, object] = dict(
-        uid="Kubernetes//Pod/shop/echo-1", name="echo-1", namespace="shop",
+        uid="Kubernetes//Pod/shop/echo-1",
+        name="echo-1",
+        namespace="shop",
         addresses=(ip("10.0.0.1"),),
     )
     base.update(kw)
@@ -74,8 +92,13 @@ def _workload(**kw: object) -> Workload:
 
 
 def test_baggage_carries_the_kubernetes_facts() -> None:
-    w = _workload(cluster_id="east", workload_type="deployment", workload_name="echo",
-                  canonical_name="echo-svc", canonical_revision="v2")
+    w = _workload(
+        cluster_id="east",
+        workload_type="deployment",
+        workload_name="echo",
+        canonical_name="echo-svc",
+        canonical_revision="v2",
+    )
     value = baggage_for(w)
     assert parse_baggage(value) == {
         "k8s.cluster.name": "east",
@@ -104,8 +127,10 @@ def test_baggage_for_no_workload_is_empty() -> None:
 def test_forwarded_for() -> None:
     assert forwarded_for(ip("10.0.0.9"), 41000) == 'for="10.0.0.9:41000"'
     assert forwarded_for(ip("fd00::9"), 5) == 'for="[fd00::9]:5"'
-    assert (forwarded_for(ip("10.0.0.9"), 1, "echo.shop.svc.cluster.local")
-            == 'for="10.0.0.9:1";host=echo.shop.svc.cluster.local')
+    assert (
+        forwarded_for(ip("10.0.0.9"), 1, "echo.shop.svc.cluster.local")
+        == 'for="10.0.0.9:1";host=echo.shop.svc.cluster.local'
+    )
 
 
 def test_traceparent_format_and_randomness() -> None:
@@ -122,6 +147,8 @@ def test_traceparent_format_and_randomness() -> None:
 def test_connect_request_header_list() -> None:
     req = ConnectRequest("10.0.0.1:80", baggage="a=b", forwarded="", traceparent="t")
     assert req.header_list() == [
-        (b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80"),
-        (b"baggage", b"a=b"), (b"traceparent", b"t"),
+        (b":method", b"CONNECT"),
+        (b":authority", b"10.0.0.1:80"),
+        (b"baggage", b"a=b"),
+        (b"traceparent", b"t"),
     ]

@@ -28,7 +28,15 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # RFC 9113 section 6: frame types and flags
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE = (
-    0x0, 0x1, 0x2, 0x3, 0x4, 0x5, 0x6, 0x7, 0x8
+    0x0,
+    0x1,
+    0x2,
+    0x3,
+    0x4,
+    0x5,
+    0x6,
+    0x7,
+    0x8,
 )
 CONTINUATION = 0x9
 END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
@@ -36,7 +44,8 @@ END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x6
 REFUSED_STREAM, COMPRESSION_ERROR = 0x7, 0x9
 # RFC 9113 section 6.5.2: settings identifiers
-S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 0x2, 0x3, 0x4, 0x5
+S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 0x2, 0x3
+S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 0x4, 0x5
 
 
 # ---- frames, by hand -------------------------------------------------------------------------
@@ -95,7 +104,9 @@ def settings_in(data: bytes) -> dict[int, int]:
     return values
 
 
-def headers_frame(stream_id: int, headers: list[tuple[str, str]], end_stream: bool = False) -> bytes:
+def headers_frame(
+    stream_id: int, headers: list[tuple[str, str]], end_stream: bool = False
+) -> bytes:
     block = hpack.Encoder().encode(headers)
     return frame(HEADERS, END_HEADERS | (END_STREAM if end_stream else 0), stream_id, block)
 
@@ -333,8 +344,11 @@ def test_authority_with_a_non_ascii_digit_is_refused_with_400() -> None:
 
 @pytest.mark.parametrize(
     ("authority", "ip", "port"),
-    [("[::1]:8080", "::1", 8080), ("[fd00::12:3]:1", "fd00::12:3", 1),
-     ("10.0.0.1:65535", "10.0.0.1", 65535)],
+    [
+        ("[::1]:8080", "::1", 8080),
+        ("[fd00::12:3]:1", "fd00::12:3", 1),
+        ("10.0.0.1:65535", "10.0.0.1", 65535),
+    ],
 )
 def test_good_authority_is_accepted(pair: Pair, authority: str, ip: str, port: int) -> None:
     pair.c.open_stream(ConnectRequest(authority))
@@ -358,8 +372,9 @@ def test_malformed_request_is_a_stream_error_not_a_connection_error(pair: Pair) 
     assert not of_type(sev, p.ConnectRequested)
     out = pair.s.data_to_send()
     assert not goaways(out)
-    rejected = [f for f in parse_frames(out)
-                if f.stream_id == sid + 2 and f.type in (RST_STREAM, HEADERS)]
+    rejected = [
+        f for f in parse_frames(out) if f.stream_id == sid + 2 and f.type in (RST_STREAM, HEADERS)
+    ]
     assert rejected, "the malformed stream got neither RST_STREAM nor a 400"
     # The first tunnel still works.
     pair.s.send_data(sid, b"still here")
@@ -549,36 +564,63 @@ VECTORS = [
     # (name, bytes the server receives, RFC 9113 error code)
     ("garbage preface", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(16), PROTOCOL_ERROR),
     ("first frame not SETTINGS", PREFACE + frame(PING, 0, 0, bytes(8)), PROTOCOL_ERROR),
-    ("frame above MAX_FRAME_SIZE", OK_START + CONNECT_1 + frame(DATA, 0, 1, bytes(MiB + 1)),
-     FRAME_SIZE_ERROR),
+    (
+        "frame above MAX_FRAME_SIZE",
+        OK_START + CONNECT_1 + frame(DATA, 0, 1, bytes(MiB + 1)),
+        FRAME_SIZE_ERROR,
+    ),
     ("DATA on stream 0", OK_START + frame(DATA, 0, 0, b"hello"), PROTOCOL_ERROR),
     ("DATA on an idle stream", OK_START + frame(DATA, 0, 1, b"hello"), PROTOCOL_ERROR),
-    ("HEADERS on an even stream id from a client",
-     OK_START + headers_frame(2, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]),
-     PROTOCOL_ERROR),
-    ("bad HPACK block", OK_START + frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff\xff\xff\x7f"),
-     COMPRESSION_ERROR),
-    ("WINDOW_UPDATE overflows the connection window",
-     OK_START + frame(WINDOW_UPDATE, 0, 0, struct.pack("!I", 0x7FFFFFFF)), FLOW_CONTROL_ERROR),
-    ("WINDOW_UPDATE with increment 0 on the connection",
-     OK_START + frame(WINDOW_UPDATE, 0, 0, struct.pack("!I", 0)), PROTOCOL_ERROR),
-    ("SETTINGS INITIAL_WINDOW_SIZE above 2^31-1",
-     PREFACE + settings_frame({S_INITIAL_WINDOW_SIZE: 0x80000000}), FLOW_CONTROL_ERROR),
+    (
+        "HEADERS on an even stream id from a client",
+        OK_START + headers_frame(2, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]),
+        PROTOCOL_ERROR,
+    ),
+    (
+        "bad HPACK block",
+        OK_START + frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff\xff\xff\x7f"),
+        COMPRESSION_ERROR,
+    ),
+    (
+        "WINDOW_UPDATE overflows the connection window",
+        OK_START + frame(WINDOW_UPDATE, 0, 0, struct.pack("!I", 0x7FFFFFFF)),
+        FLOW_CONTROL_ERROR,
+    ),
+    (
+        "WINDOW_UPDATE with increment 0 on the connection",
+        OK_START + frame(WINDOW_UPDATE, 0, 0, struct.pack("!I", 0)),
+        PROTOCOL_ERROR,
+    ),
+    (
+        "SETTINGS INITIAL_WINDOW_SIZE above 2^31-1",
+        PREFACE + settings_frame({S_INITIAL_WINDOW_SIZE: 0x80000000}),
+        FLOW_CONTROL_ERROR,
+    ),
     ("SETTINGS ENABLE_PUSH=2", PREFACE + settings_frame({S_ENABLE_PUSH: 2}), PROTOCOL_ERROR),
-    ("SETTINGS length not a multiple of 6", PREFACE + frame(SETTINGS, 0, 0, bytes(5)),
-     FRAME_SIZE_ERROR),
+    (
+        "SETTINGS length not a multiple of 6",
+        PREFACE + frame(SETTINGS, 0, 0, bytes(5)),
+        FRAME_SIZE_ERROR,
+    ),
     ("SETTINGS on a stream", PREFACE + frame(SETTINGS, 0, 1, b""), PROTOCOL_ERROR),
     ("PING of 7 bytes", OK_START + frame(PING, 0, 0, bytes(7)), FRAME_SIZE_ERROR),
-    ("PUSH_PROMISE from a client", OK_START + CONNECT_1 + frame(PUSH_PROMISE, END_HEADERS, 1,
-                                                                struct.pack("!I", 2)),
-     PROTOCOL_ERROR),
-    ("CONTINUATION without HEADERS", OK_START + frame(CONTINUATION, END_HEADERS, 1, b""),
-     PROTOCOL_ERROR),
+    (
+        "PUSH_PROMISE from a client",
+        OK_START + CONNECT_1 + frame(PUSH_PROMISE, END_HEADERS, 1, struct.pack("!I", 2)),
+        PROTOCOL_ERROR,
+    ),
+    (
+        "CONTINUATION without HEADERS",
+        OK_START + frame(CONTINUATION, END_HEADERS, 1, b""),
+        PROTOCOL_ERROR,
+    ),
 ]
 
 
 @pytest.mark.parametrize(("name", "data", "code"), VECTORS, ids=[v[0] for v in VECTORS])
-def test_malformed_input_fails_the_connection_with_goaway(name: str, data: bytes, code: int) -> None:
+def test_malformed_input_fails_the_connection_with_goaway(
+    name: str, data: bytes, code: int
+) -> None:
     server = p.HboneProtocol(False, 0.0)
     server.data_to_send()
     events = server.receive(data, 0.0)
@@ -632,13 +674,24 @@ def test_arbitrary_bytes_never_raise(junk: bytes) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([":method", ":authority", "baggage", "x"]),
-                          st.text(max_size=30)), max_size=5))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([":method", ":authority", "baggage", "x"]), st.text(max_size=30)),
+        max_size=5,
+    )
+)
 def test_arbitrary_request_headers_never_raise(headers: list[tuple[str, str]]) -> None:
     server = p.HboneProtocol(False, 0.0)
     server.data_to_send()
     block = hpack.Encoder().encode(headers)
     events = server.receive(OK_START + frame(HEADERS, END_HEADERS, 1, block), 0.0)
     for ev in events:
-        assert isinstance(ev, p.ConnectRequested | p.ConnectRefused | p.ConnectionFailed |
-                          p.StreamEnded | p.WindowOpened | p.StreamReset), ev
+        assert isinstance(
+            ev,
+            p.ConnectRequested
+            | p.ConnectRefused
+            | p.ConnectionFailed
+            | p.StreamEnded
+            | p.WindowOpened
+            | p.StreamReset,
+        ), ev

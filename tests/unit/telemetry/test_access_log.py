@@ -24,18 +24,35 @@ SVC = Service("echo", "shop", "echo.shop.svc.cluster.local")
 
 def outbound() -> ConnectionRecord:
     return ConnectionRecord(
-        "outbound", ("10.0.0.1", 40000), ("10.96.0.10", 80), src_workload=CLIENT,
-        src_identity=CLIENT.identity, dst_workload=SERVER, dst_identity=SERVER.identity,
-        dst_service=SVC, hbone_target="10.0.0.2:15008", path="hbone", mtls=True,
-        bytes_sent=11, bytes_recv=22,
+        "outbound",
+        ("10.0.0.1", 40000),
+        ("10.96.0.10", 80),
+        src_workload=CLIENT,
+        src_identity=CLIENT.identity,
+        dst_workload=SERVER,
+        dst_identity=SERVER.identity,
+        dst_service=SVC,
+        hbone_target="10.0.0.2:15008",
+        path="hbone",
+        mtls=True,
+        bytes_sent=11,
+        bytes_recv=22,
     )
 
 
 def inbound() -> ConnectionRecord:
     return ConnectionRecord(
-        "inbound", ("10.0.0.1", 40000), ("10.0.0.2", 8080), src_workload=CLIENT,
-        src_identity=CLIENT.identity, dst_workload=SERVER, dst_identity=SERVER.identity,
-        path="hbone", mtls=True, bytes_sent=11, bytes_recv=22,
+        "inbound",
+        ("10.0.0.1", 40000),
+        ("10.0.0.2", 8080),
+        src_workload=CLIENT,
+        src_identity=CLIENT.identity,
+        dst_workload=SERVER,
+        dst_identity=SERVER.identity,
+        path="hbone",
+        mtls=True,
+        bytes_sent=11,
+        bytes_recv=22,
     )
 
 
@@ -69,8 +86,14 @@ def test_inbound_bytes_are_from_the_agents_side_of_the_mesh_hop() -> None:
 
 
 def test_plaintext_has_no_identities_and_no_hbone_addr() -> None:
-    rec = ConnectionRecord("inbound", ("192.0.2.1", 1), ("10.0.0.2", 8080),
-                           dst_workload=SERVER, dst_identity=SERVER.identity, path="plaintext")
+    rec = ConnectionRecord(
+        "inbound",
+        ("192.0.2.1", 1),
+        ("10.0.0.2", 8080),
+        dst_workload=SERVER,
+        dst_identity=SERVER.identity,
+        path="plaintext",
+    )
     f = access_fields(rec)
     for key in ("src.identity", "dst.identity", "dst.hbone_addr", "src.workload", "error"):
         assert key not in f
@@ -120,9 +143,14 @@ def test_failed_connection_is_one_warning_line_with_the_error(
     logger, buf, handler = captured
     handler.setFormatter(JsonFormatter())
     tracker = ConnectionTracker(AccessLog(logger))
-    rec = ConnectionRecord("outbound", ("10.0.0.1", 1), ("10.0.0.2", 9), src_workload=CLIENT,
-                           error='connect to 10.0.0.2:9 failed: "refused"',
-                           response_flag="CONNECT")
+    rec = ConnectionRecord(
+        "outbound",
+        ("10.0.0.1", 1),
+        ("10.0.0.2", 9),
+        src_workload=CLIENT,
+        error='connect to 10.0.0.2:9 failed: "refused"',
+        response_flag="CONNECT",
+    )
     tracker.open(rec)
     tracker.close(rec)
     (line,) = buf.getvalue().splitlines()

@@ -107,9 +107,25 @@ def test_read_request_with_body_and_repeated_headers() -> None:
         (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
         (b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
         (b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
-        (b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X: " + b"y" * 8000 + b"\r\n" * 1
-         + b"Z: " + b"y" * 8000 + b"\r\n" + b"W: " + b"y" * 8000 + b"\r\n"
-         + b"V: " + b"y" * 8000 + b"\r\n" + b"U: " + b"y" * 8000 + b"\r\n\r\n", 431),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\n"
+            + b"X: "
+            + b"y" * 8000
+            + b"\r\n" * 1
+            + b"Z: "
+            + b"y" * 8000
+            + b"\r\n"
+            + b"W: "
+            + b"y" * 8000
+            + b"\r\n"
+            + b"V: "
+            + b"y" * 8000
+            + b"\r\n"
+            + b"U: "
+            + b"y" * 8000
+            + b"\r\n\r\n",
+            431,
+        ),
         (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 999999\r\n\r\n", 413),
         (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
@@ -126,11 +142,14 @@ def test_dispatch_answers_404_405_and_500_without_raising() -> None:
     def boom(_req: Request) -> object:
         raise RuntimeError("bug")
 
-    server = HttpServer("t", {
-        "/ok": Route(lambda r: text(200, "ok")),
-        "/boom": Route(boom),  # type: ignore[arg-type]
-        "/post": Route(lambda r: text(200, "posted"), frozenset({"POST"})),
-    })
+    server = HttpServer(
+        "t",
+        {
+            "/ok": Route(lambda r: text(200, "ok")),
+            "/boom": Route(boom),  # type: ignore[arg-type]
+            "/post": Route(lambda r: text(200, "posted"), frozenset({"POST"})),
+        },
+    )
 
     def req(method: str, path: str) -> Request:
         return Request(method, path, {}, {"host": "h"})
@@ -166,9 +185,12 @@ class Outer:
 
 def test_jsonable_renders_dataclasses_generically() -> None:
     value = Outer(
-        "p", Color.RED,
+        "p",
+        Color.RED,
         (Inner(ipaddress.IPv4Address("10.0.0.1"), SpiffeId("td", "ns", "sa")),),
-        {80: 8080}, frozenset({"b", "a"}), {"hidden": "x"},
+        {80: 8080},
+        frozenset({"b", "a"}),
+        {"hidden": "x"},
     )
     assert jsonable(value) == {
         "name": "p",
@@ -216,7 +238,9 @@ class FakeAgent:
 def test_readiness_waits_for_state_certificates_and_listeners() -> None:
     ca = CertificateAuthority.create("cluster.local")
     wl = Workload("uid", "app", "ns", (ipaddress.ip_address("10.0.0.1"),), "sa", node="n1")
-    agent = FakeAgent(Settings(node_name="n1"), WorkloadStore(), CertificateManager(LocalCaSource(ca)))
+    agent = FakeAgent(
+        Settings(node_name="n1"), WorkloadStore(), CertificateManager(LocalCaSource(ca))
+    )
     assert readiness_pending(agent) == ["mesh state: not loaded yet"]
     agent.store.replace(MeshState.build([wl]))
     agent.wanted = {("hbone", "10.0.0.1")}

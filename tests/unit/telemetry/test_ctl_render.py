@@ -23,15 +23,34 @@ def test_admin_addresses() -> None:
 
 def test_tables_align_and_fill_missing_values() -> None:
     view = {v.name: v for v in VIEWS}["workloads"]
-    dump = {"workloads": [
-        {"namespace": "b", "name": "x", "addresses": ["10.0.0.2"], "local": False},
-        {"namespace": "a", "name": "long-name", "addresses": ["10.0.0.1", "fd00::1"],
-         "local": True, "identity": "spiffe://td/ns/a/sa/s", "waypoint": {
-             "destination": {"namespace": "a", "hostname": "wp"}, "hbone_mtls_port": 15008}},
-    ]}
+    dump = {
+        "workloads": [
+            {"namespace": "b", "name": "x", "addresses": ["10.0.0.2"], "local": False},
+            {
+                "namespace": "a",
+                "name": "long-name",
+                "addresses": ["10.0.0.1", "fd00::1"],
+                "local": True,
+                "identity": "spiffe://td/ns/a/sa/s",
+                "waypoint": {
+                    "destination": {"namespace": "a", "hostname": "wp"},
+                    "hbone_mtls_port": 15008,
+                },
+            },
+        ]
+    }
     lines = render_table(view.select(dump), view.columns).splitlines()
-    assert lines[0].split() == ["NAMESPACE", "NAME", "ADDRESSES", "NODE", "LOCAL", "PROTOCOL",
-                                "STATUS", "IDENTITY", "WAYPOINT"]
+    assert lines[0].split() == [
+        "NAMESPACE",
+        "NAME",
+        "ADDRESSES",
+        "NODE",
+        "LOCAL",
+        "PROTOCOL",
+        "STATUS",
+        "IDENTITY",
+        "WAYPOINT",
+    ]
     assert lines[1].split()[:3] == ["a", "long-name", "10.0.0.1,fd00::1"]  # local first
     assert lines[1].split()[-1] == "a/wp"
     assert lines[2].split()[:5] == ["b", "x", "10.0.0.2", "-", "no"]
@@ -42,11 +61,26 @@ def test_services_count_endpoints_and_policies_accept_strings() -> None:
     views = {v.name: v for v in VIEWS}
     dump = {
         "workloads": [{"services": {"ns/h": {}}}, {"services": {"ns/h": {}}}, {}],
-        "services": [{"namespace": "ns", "name": "s", "hostname": "h",
-                      "vips": [{"network": "", "address": "10.96.0.1"}],
-                      "ports": [{"service_port": 80, "target_port": 8080}]}],
-        "policies": ["opaque-policy", {"name": "p", "namespace": "ns", "scope": "NAMESPACE",
-                                       "action": "DENY", "rules": [{}, {}], "dry_run": True}],
+        "services": [
+            {
+                "namespace": "ns",
+                "name": "s",
+                "hostname": "h",
+                "vips": [{"network": "", "address": "10.96.0.1"}],
+                "ports": [{"service_port": 80, "target_port": 8080}],
+            }
+        ],
+        "policies": [
+            "opaque-policy",
+            {
+                "name": "p",
+                "namespace": "ns",
+                "scope": "NAMESPACE",
+                "action": "DENY",
+                "rules": [{}, {}],
+                "dry_run": True,
+            },
+        ],
     }
     (svc,) = views["services"].select(dump)
     assert svc["endpoints"] == 2

@@ -7,7 +7,6 @@ import ipaddress
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ztunnel.identity import SpiffeId
 from ztunnel.model import Workload
 from ztunnel.proxy.records import ConnectionRecord, ConnectionTracker
 from ztunnel.telemetry import Telemetry, TrafficMetrics, traffic_labels
@@ -20,8 +19,13 @@ SERVER = Workload("uid-s", "server", "shop", (ipaddress.ip_address("10.0.0.2"),)
 
 def record(direction: str = "outbound", **kw: object) -> ConnectionRecord:
     rec = ConnectionRecord(
-        direction, ("10.0.0.1", 40000), ("10.0.0.2", 8080), src_workload=CLIENT,
-        src_identity=CLIENT.identity, dst_workload=SERVER, dst_identity=SERVER.identity,
+        direction,
+        ("10.0.0.1", 40000),
+        ("10.0.0.2", 8080),
+        src_workload=CLIENT,
+        src_identity=CLIENT.identity,
+        dst_workload=SERVER,
+        dst_identity=SERVER.identity,
         mtls=True,
     )
     for k, v in kw.items():
@@ -78,9 +82,12 @@ def test_flag_set_at_close_goes_to_the_close_counter_only() -> None:
     assert value(registry, "istio_tcp_connections_closed_total", rec) == 1
     text = generate_latest(registry).decode()
     # No opened/bytes series for the DENY label set, since nothing was opened with it.
-    assert 'istio_tcp_connections_opened_total{' in text
-    assert not any('response_flags="DENY"' in line for line in text.splitlines()
-                   if line.startswith("istio_tcp_connections_opened_total"))
+    assert "istio_tcp_connections_opened_total{" in text
+    assert not any(
+        'response_flags="DENY"' in line
+        for line in text.splitlines()
+        if line.startswith("istio_tcp_connections_opened_total")
+    )
 
 
 def test_failed_record_opened_and_closed_with_its_flag() -> None:
