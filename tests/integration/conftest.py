@@ -39,7 +39,6 @@ from ztunnel.identity import SpiffeId
 from ztunnel.testing import (
     EchoServer,
     async_wait_for,
-    free_port,
     random_loopback_net,
     socks5_connect,
 )
@@ -91,6 +90,21 @@ def mesh_config(net: str) -> dict[str, Any]:
             },
         ],
     }
+
+
+def distinct_ports(n: int) -> list[int]:
+    """`n` free ports, all different: each is held open until all are chosen (free_port()
+    called twice may return the same port)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class FixedCerts:
@@ -168,7 +182,8 @@ async def h2_request(
 class Mesh:
     tmp: Path
     net: str = field(default_factory=random_loopback_net)
-    hbone_port: int = field(default_factory=free_port)
+    # hbone (shared), then outbound, inbound and SOCKS5 for node-a and for node-b
+    ports: list[int] = field(default_factory=lambda: distinct_ports(7))
     a: Agent = field(init=False)
     b: Agent = field(init=False)
     ca: CertificateAuthority = field(init=False)
@@ -188,18 +203,23 @@ class Mesh:
         return self.ip(11)
 
     @property
+    def hbone_port(self) -> int:
+        return self.ports[0]
+
+    @property
     def mesh_file(self) -> Path:
         return self.tmp / "mesh.yaml"
 
     def settings(self, node: str) -> Settings:
+        outbound, inbound, socks = self.ports[1:4] if node == "node-a" else self.ports[4:7]
         return Settings(
             node_name=node,
             local_xds_path=str(self.mesh_file),
             ca_dir=str(self.tmp / "ca"),
             hbone_port=self.hbone_port,
-            outbound_port=free_port(),
-            inbound_plaintext_port=free_port(),
-            socks5_port=free_port(),
+            outbound_port=outbound,
+            inbound_plaintext_port=inbound,
+            socks5_port=socks,
             admin_port=0,
             stats_port=0,
             readiness_port=0,

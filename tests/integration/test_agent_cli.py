@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 
 from ztunnel import config
 from ztunnel.ca import CertificateAuthority
-from ztunnel.testing import free_port, port_open, random_loopback_net, wait_for
+from ztunnel.testing import port_open, random_loopback_net, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,15 +41,27 @@ def ztunnel_run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[
 
 
 def port_args() -> list[str]:
+    ports = []
+    held = []
+    try:
+        for _ in range(4):  # distinct: each held open until all are chosen
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in held:
+            s.close()
+    outbound, inbound, hbone, socks = (str(p) for p in ports)
     return [
         "--outbound-port",
-        str(free_port()),
+        outbound,
         "--inbound-plaintext-port",
-        str(free_port()),
+        inbound,
         "--hbone-port",
-        str(free_port()),
+        hbone,
         "--socks5-port",
-        str(free_port()),
+        socks,
         "--admin-port",
         "0",
         "--stats-port",
