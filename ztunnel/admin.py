@@ -374,6 +374,10 @@ class AgentView(Protocol):
 
     def request_drain(self) -> None: ...
 
+    def explain_authorization(
+        self, source: str, target: str, source_ip: str | None
+    ) -> dict[str, Any]: ...
+
 
 def jsonable(value: object) -> Any:
     """A JSON-ready rendering of model objects: dataclasses field by field (fields hidden from
@@ -508,6 +512,7 @@ def admin_routes(agent: AgentView) -> dict[str, Route]:
             "listeners, connections\n"
             "  GET  /logging          the log level; POST /logging?level=LEVEL "
             "changes it\n"
+            "  GET  /authz/check?from=X&to=IP:PORT   explain an authorization decision\n"
             "  POST /quitquitquit     drain gracefully and exit\n",
         )
 
@@ -528,6 +533,15 @@ def admin_routes(agent: AgentView) -> dict[str, Route]:
         log.warning("log level changed to %s through the admin API", _current_level())
         return text(200, f"current log level is {_current_level()}")
 
+    def check(req: Request) -> Response:
+        source, target = req.arg("from"), req.arg("to")
+        if not source or not target:
+            raise HttpError(400, "give ?from=<workload|ip|spiffe id>&to=<ip:port>")
+        try:
+            return json_response(agent.explain_authorization(source, target, req.arg("source_ip")))
+        except ZtunnelError as e:
+            raise HttpError(404, str(e)) from None
+
     def quit_(_req: Request) -> Response:
         log.warning("drain requested through the admin API (/quitquitquit)")
         return Response(200, b"OK\n", after=agent.request_drain)
@@ -537,6 +551,7 @@ def admin_routes(agent: AgentView) -> dict[str, Route]:
         "/config_dump": Route(dump),
         "/logging": Route(logging_, frozenset({"GET", "POST", "PUT"})),
         "/quitquitquit": Route(quit_, frozenset({"POST"})),
+        "/authz/check": Route(check),
     }
 
 

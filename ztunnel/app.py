@@ -15,7 +15,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.registry import CollectorRegistry
 
@@ -30,7 +30,7 @@ from ztunnel.hbone.tls import ContextCache
 from ztunnel.identity import SpiffeId
 from ztunnel.localconfig import fingerprint, load_mesh_state
 from ztunnel.model import IPAddress
-from ztunnel.proxy.authorization import PolicyEnforcer
+from ztunnel.proxy.authorization import PolicyEnforcer, explain_check
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.inbound import InboundProxy
 from ztunnel.proxy.outbound import OutboundProxy
@@ -345,6 +345,12 @@ class Agent:
 
     def _on_signal(self) -> None:
         self.request_drain()
+
+    def explain_authorization(
+        self, source: str, target: str, source_ip: str | None = None
+    ) -> dict[str, Any]:
+        """`ztunnel ctl check`: how the current policies decide source -> target."""
+        return explain_check(self.enforcer, source, target, source_ip)
 
     def request_drain(self) -> None:
         """Start the graceful drain once (SIGTERM, SIGINT, the admin API's /quitquitquit);

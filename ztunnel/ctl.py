@@ -10,6 +10,7 @@ and talk to the agent through `AdminClient`.
 from __future__ import annotations
 
 import argparse
+import urllib.parse
 import functools
 import http.client
 import ipaddress
@@ -286,6 +287,23 @@ def _run_dump(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _run_check(args: argparse.Namespace, out: TextIO) -> int:
+    query = {"from": args.source, "to": args.to}
+    if args.source_ip:
+        query["source_ip"] = args.source_ip
+    result = _client(args).get_json("/authz/check?" + urllib.parse.urlencode(query))
+    output = getattr(args, "output", "table")
+    if output != "table":
+        out.write(render(result, output) + "\n")
+    else:
+        out.write(f"from: {result['source']}"
+                  + (f" ({result['source_identity']})" if result.get("source_identity") else "")
+                  + f", source ip {result['source_ip']}\n")
+        out.write(f"to:   {result['destination']}\n\n")
+        out.write(str(result["text"]).rstrip() + "\n")
+    return 0 if result.get("allowed") else 3
+
+
 def _guard(run: Callable[[argparse.Namespace, TextIO], int]) -> Callable[[argparse.Namespace], int]:
     def func(args: argparse.Namespace) -> int:
         try:
@@ -333,3 +351,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "config-dump", parents=[common], help="the agent's whole configuration dump (JSON or YAML)"
     )
     dump.set_defaults(func=_guard(_run_dump))
+    check = ctl_sub.add_parser(
+        "check", parents=[common],
+        help="explain how the agent's policies decide a connection (exit 3 when denied)",
+    )
+    check.add_argument("--from", dest="source", required=True,
+                       metavar="WORKLOAD|IP|SPIFFE-ID",
+                       help="the client: a workload (name or namespace/name), an IP, or a "
+                       "SPIFFE identity")
+    check.add_argument("--to", required=True, metavar="IP:PORT",
+                       help="the destination: a workload address local to this agent")
+    check.add_argument("--source-ip", default=None, help="client IP to assume with a SPIFFE id")
+    check.set_defaults(func=_guard(_run_check))

@@ -292,16 +292,13 @@ class Mesh:
         authority: str,
         expect: frozenset[SpiffeId] = frozenset({ECHO}),
         next_hop: str | None = None,
+        port: int | None = None,
     ) -> HboneStream:
-        """CONNECT `authority` through echo-b's HBONE listener (or `next_hop`)."""
+        """CONNECT `authority` through echo-b's HBONE listener (or `next_hop`:`port`)."""
         import ipaddress
 
-        key = PoolKey(
-            cert.identity,
-            expect,
-            (ipaddress.ip_address(next_hop or self.echo_b), self.hbone_port),
-            None,
-        )
+        hop = (ipaddress.ip_address(next_hop or self.echo_b), port or self.hbone_port)
+        key = PoolKey(cert.identity, expect, hop, None)
         return await self.pool(cert).open_stream(key, ConnectRequest(authority))
 
 

@@ -276,6 +276,86 @@ async def test_client_rejects_a_server_with_the_wrong_identity(mesh: Any) -> Non
     assert mesh.echo["echo-b"].accepted == before
 
 
+def _leaf(ca: CertificateAuthority, san: list[x509.GeneralName]) -> IssuedCertificate:
+    """A leaf signed by `ca` with exactly the SANs given (the CA code always adds a URI)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(san), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    return IssuedCertificate(
+        ECHO,
+        key_pem(key),
+        (cert_pem(cert),),
+        (cert_pem(ca.cert),),
+        cert.not_valid_before_utc,
+        cert.not_valid_after_utc,
+    )
+
+
+SERVER_CERTS: dict[str, Callable[[Any], IssuedCertificate]] = {
+    "another SPIFFE identity": lambda m: m.issue(SpiffeId("cluster.local", "shop", "impostor")),
+    "only a DNS SAN": lambda m: _leaf(m.ca, [x509.DNSName("echo.shop.svc.cluster.local")]),
+    "right identity, other CA": lambda m: _leaf(
+        CertificateAuthority.create("cluster.local"), [x509.UniformResourceIdentifier(ECHO.uri)]
+    ),
+    "right identity (control)": lambda m: m.issue(ECHO),
+}
+
+
+@pytest.mark.parametrize("kind", list(SERVER_CERTS))
+async def test_client_checks_a_hand_made_server_certificate(mesh: Any, kind: str) -> None:
+    """Our HboneServer presenting a hand-made certificate; the client expects shop/echo."""
+    from ztunnel.hbone.server import HboneServer
+    from ztunnel.hbone.tls import ContextCache
+    from ztunnel.proxy.sockets import listen
+
+    cert = SERVER_CERTS[kind](mesh)
+
+    async def handler(stream: Any, req: Any) -> None:
+        stream.respond(200)
+        while chunk := await stream.read():
+            stream.ack(len(chunk))
+            await stream.write(chunk)
+        stream.end()
+
+    certs = type("Fixed", (), {"get": staticmethod(lambda ident: _ready(cert))})()
+    server = HboneServer(certs, ContextCache(), "cluster.local", lambda ip: ECHO, handler)
+    sock = listen(mesh.ip(40), 0)
+    server.serve(sock)
+    try:
+        port = sock.getsockname()[1]
+        if kind.endswith("(control)"):
+            stream = await mesh.hbone(
+                mesh.issue(WEB), "10.0.0.1:80", next_hop=mesh.ip(40), port=port
+            )
+            await stream.write(b"hi")
+            assert await asyncio.wait_for(stream.read(), 5) == b"hi"
+        else:
+            with pytest.raises(TlsFailure):
+                await mesh.hbone(mesh.issue(WEB), "10.0.0.1:80", next_hop=mesh.ip(40), port=port)
+    finally:
+        await server.drain(1.0)
+
+
+async def _ready(value: Any) -> Any:
+    return value
+
+
 def _self_signed(identity: SpiffeId, roots: tuple[bytes, ...]) -> IssuedCertificate:
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Any
 
 from ztunnel.authz import Authorizer, ConnectionAttrs, Decision
+from ztunnel.errors import ZtunnelError
+from ztunnel.hbone.headers import parse_authority
+from ztunnel.identity import SpiffeId
+from ztunnel.model import IPAddress, TunnelProtocol
 from ztunnel.proxy.context import AuthzRequest, AuthzVerdict
 from ztunnel.proxy.records import ConnectionRecord, ConnectionTracker
 from ztunnel.state import MeshState, WorkloadStore
@@ -73,3 +78,76 @@ class PolicyEnforcer:
             return None
         return AuthzRequest(rec.src_identity, ipaddress.ip_address(rec.src[0]), dst_ip,
                             rec.dst[1], wl)
+
+
+class CheckError(ZtunnelError):
+    """`ztunnel ctl check` named something this agent cannot resolve."""
+
+
+def resolve_source(
+    state: MeshState, spec: str, source_ip: str | None
+) -> tuple[SpiffeId | None, IPAddress, str]:
+    """`--from`: a SPIFFE id, an IP, or a workload (`name` or `namespace/name`).
+    Returns (identity or None for plaintext, source IP, description)."""
+    if spec.startswith("spiffe://"):
+        try:
+            ident = SpiffeId.parse(spec)
+        except ZtunnelError as e:
+            raise CheckError(str(e)) from None
+        ip = _ip(source_ip or "0.0.0.0")
+        return ident, ip, f"identity {ident.uri}"
+    try:
+        ip = ipaddress.ip_address(spec)
+    except ValueError:
+        ns, _, name = spec.rpartition("/")
+        found = [w for w in state.workloads if w.name == name and (not ns or w.namespace == ns)]
+        if not found:
+            raise CheckError(f"no workload named {spec!r}") from None
+        if len(found) > 1:
+            raise CheckError(f"{spec!r} is ambiguous: " + ", ".join(
+                f"{w.namespace}/{w.name}" for w in found))
+        wl = found[0]
+        ident = wl.identity if wl.protocol is TunnelProtocol.HBONE else None
+        return ident, _ip(source_ip) if source_ip else wl.addresses[0], f"workload {wl.namespace}/{wl.name}"
+    wl = state.workload_by_ip(ip)
+    if wl is None:
+        return None, ip, f"{ip} (not in the mesh: plaintext, no identity)"
+    ident = wl.identity if wl.protocol is TunnelProtocol.HBONE else None
+    return ident, ip, f"workload {wl.namespace}/{wl.name} at {ip}"
+
+
+def _ip(value: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise CheckError(f"not an IP address: {value!r}") from None
+
+
+def explain_check(
+    enforcer: PolicyEnforcer, source: str, target: str, source_ip: str | None = None
+) -> dict[str, Any]:
+    """What `ztunnel ctl check` prints: the resolved request and the explained decision."""
+    state = enforcer.store.current
+    ident, src_ip, described = resolve_source(state, source, source_ip)
+    try:
+        dst_ip, dst_port = parse_authority(target)
+    except ZtunnelError:
+        raise CheckError(f"--to must be ip:port, got {target!r}") from None
+    wl = state.workload_by_ip(dst_ip)
+    if wl is None:
+        raise CheckError(f"{dst_ip} is not a workload in the mesh")
+    if wl.node != enforcer.node:
+        raise CheckError(f"{dst_ip} ({wl.namespace}/{wl.name}) runs on node {wl.node!r}, not "
+                         f"on {enforcer.node!r}: authorization is checked by the destination's "
+                         "agent, ask that one")
+    attrs = ConnectionAttrs(ident, src_ip, dst_ip, dst_port, wl)
+    explanation = enforcer.authorizer.explain(attrs)
+    return {
+        "source": described,
+        "source_identity": ident.uri if ident else None,
+        "source_ip": str(src_ip),
+        "destination": f"{wl.namespace}/{wl.name} {target}",
+        "allowed": enforcer.authorizer.check(attrs).allowed,
+        "explanation": explanation.to_dict(),
+        "text": explanation.render(),
+    }
