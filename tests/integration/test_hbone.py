@@ -184,6 +184,56 @@ async def test_server_half_close_lets_the_client_keep_sending(mesh: Any) -> None
     w.close()
 
 
+# ---- aborts ----------------------------------------------------------------------------------
+
+
+async def test_client_abort_reaches_the_server_application(mesh: Any) -> None:
+    ended: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def app(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        data = b""
+        try:
+            while chunk := await r.read(65536):
+                data += chunk
+        except ConnectionError:
+            pass
+        ended.set_result(data)
+        w.close()
+
+    port = await mesh.serve(mesh.echo_b, app)
+    _r, w = await mesh.socks(mesh.echo_b, port)
+    w.write(b"partial request")
+    await w.drain()
+    sock = w.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    w.transport.abort()  # RST from the client application
+    assert await asyncio.wait_for(ended, 10) == b"partial request"
+    await async_wait_for(lambda: not mesh.a.tracker.live and not mesh.b.tracker.live, 10)
+
+
+async def test_server_abort_reaches_the_client_application(mesh: Any) -> None:
+    async def app(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(5)
+        w.write(b"bye")
+        await w.drain()
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()
+
+    port = await mesh.serve(mesh.echo_b, app)
+    r, w = await mesh.socks(mesh.echo_b, port)
+    w.write(b"hello")
+    got = b""
+    try:
+        while chunk := await asyncio.wait_for(r.read(65536), 10):
+            got += chunk
+    except ConnectionError:
+        pass
+    assert got in (b"", b"bye")
+    w.close()
+    await async_wait_for(lambda: not mesh.a.tracker.live and not mesh.b.tracker.live, 10)
+
+
 # ---- backpressure ----------------------------------------------------------------------------
 
 
@@ -333,8 +383,13 @@ async def test_client_checks_a_hand_made_server_certificate(mesh: Any, kind: str
             await stream.write(chunk)
         stream.end()
 
-    certs = type("Fixed", (), {"get": staticmethod(lambda ident: _ready(cert))})()
-    server = HboneServer(certs, ContextCache(), "cluster.local", lambda ip: ECHO, handler)
+    server = HboneServer(
+        _FixedCerts(cert),  # type: ignore[arg-type]
+        ContextCache(),
+        "cluster.local",
+        lambda ip: ECHO,
+        handler,
+    )
     sock = listen(mesh.ip(40), 0)
     server.serve(sock)
     try:
@@ -352,8 +407,14 @@ async def test_client_checks_a_hand_made_server_certificate(mesh: Any, kind: str
         await server.drain(1.0)
 
 
-async def _ready(value: Any) -> Any:
-    return value
+class _FixedCerts:
+    """Stands in for the server's CertificateManager: always this certificate."""
+
+    def __init__(self, cert: IssuedCertificate) -> None:
+        self.cert = cert
+
+    async def get(self, identity: SpiffeId) -> IssuedCertificate:
+        return self.cert
 
 
 def _self_signed(identity: SpiffeId, roots: tuple[bytes, ...]) -> IssuedCertificate:

@@ -301,3 +301,37 @@ def test_lab_cli_status_and_down(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert not [n for n in topo.list_netns() if n.startswith(f"{lab_id}-")]
     json.dumps({})  # keep the import used for readability of failures
+
+
+def test_strict_mtls_refuses_plaintext_and_ctl_check_explains(mesh_lab: Topology) -> None:
+    import sys
+
+    import yaml
+
+    t, p = mesh_lab, pods(mesh_lab)
+    mesh_file = runner.lab_dir(t.lab_id) / "mesh.yaml"
+    strict = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+              "metadata": {"name": "strict", "namespace": "shop"},
+              "spec": {"mtls": {"mode": "STRICT"}}}
+    original = mesh_file.read_text()
+    try:
+        mesh_file.write_text(yaml.safe_dump_all([runner.mesh_state(t), strict]))
+        # Plaintext from a pod outside the mesh is now refused by the destination agent...
+        assert topo.wait_until(
+            lambda: not call(t, "n1p2", str(p["n0p1"].ip), 8080, "plain")["ok"], 15
+        ), "STRICT was not enforced on plaintext"
+        # ...while mesh traffic (mTLS) still flows.
+        assert call(t, "n1p0", str(p["n0p1"].ip), 8080, "mtls")["ok"]
+        ctl = [sys.executable, "-m", "ztunnel", "ctl", "check"]
+        denied = subprocess.run(
+            topo.netns_exec_argv(t.node("n0").netns,
+                                 [*ctl, "--from", str(p["n1p2"].ip), "--to",
+                                  f"{p['n0p1'].ip}:8080"]),
+            capture_output=True, text=True, timeout=30, check=False)
+        assert denied.returncode == 3, denied.stdout + denied.stderr
+        assert "DENY" in denied.stdout and "plaintext" in denied.stdout
+    finally:
+        mesh_file.write_text(original)
+    assert topo.wait_until(
+        lambda: call(t, "n1p2", str(p["n0p1"].ip), 8080, "plain-again")["ok"], 15
+    )

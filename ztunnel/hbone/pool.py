@@ -133,11 +133,19 @@ class HbonePool:
         try:
             # server_hostname is an IP literal: OpenSSL sends no SNI for it (WIRE.md: no SNI),
             # and check_hostname is off: the SPIFFE check below is what authenticates.
-            _, conn = await loop.create_connection(
-                lambda: HboneConnection(
+            made: list[HboneConnection] = []
+
+            def factory() -> HboneConnection:
+                c = HboneConnection(
                     client=True, name=name,
                     peer_check=lambda der: check_server_identity(der, key.expected_identities),
-                ),
+                )
+                made.append(c)
+                return c
+
+            # The protocol comes from the factory (uvloop may return its SSL wrapper).
+            await loop.create_connection(
+                factory,
                 sock=sock,
                 ssl=ctx,
                 server_hostname=str(ip),
@@ -146,6 +154,7 @@ class HbonePool:
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as e:
             sock.close()
             raise TlsFailure(f"TLS handshake with {ip}:{port} failed: {e}", 503) from None
+        conn = made[0]
         if conn.peer_identity is None:
             conn.abort()
             raise TlsFailure(f"{ip}:{port}: {conn.failure or 'no peer identity'}", 503)

@@ -88,12 +88,20 @@ class HboneServer:
             sock.close()
             return
         ctx = self.contexts.server(cert)
+        made: list[HboneConnection] = []
+
+        def factory() -> HboneConnection:
+            c = HboneConnection(
+                client=False, handler=self.handler, name=f"hbone-server {peer[0]}",
+                peer_check=lambda der: check_client_identity(der, self.trust_domain),
+            )
+            made.append(c)
+            return c
+
         try:
-            _, conn = await loop.connect_accepted_socket(
-                lambda: HboneConnection(
-                    client=False, handler=self.handler, name=f"hbone-server {peer[0]}",
-                    peer_check=lambda der: check_client_identity(der, self.trust_domain),
-                ),
+            # The protocol comes from the factory: uvloop returns its SSL wrapper instead.
+            await loop.connect_accepted_socket(
+                factory,
                 sock,
                 ssl=ctx,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
@@ -104,6 +112,7 @@ class HboneServer:
                 self.on_tls_failure(peer, str(e))
             sock.close()
             return
+        conn = made[0]
         if conn.peer_identity is None:
             log.info("HBONE client %s:%d rejected: %s", peer[0], peer[1], conn.failure)
             if self.on_tls_failure:
