@@ -137,8 +137,8 @@ class CertificateManager:
         return cert.not_before + (cert.not_after - cert.not_before) / 2
 
     def backoff(self, failures: int) -> float:
-        base = min(BACKOFF_MAX, BACKOFF_START * (2 ** max(0, failures - 1)))
-        return base * self._rng.uniform(0.5, 1.0)
+        base: float = min(BACKOFF_MAX, BACKOFF_START * (2 ** max(0, failures - 1)))
+        return base * float(self._rng.uniform(0.5, 1.0))
 
     def renewal_delay(self, cert: IssuedCertificate, aged_again: bool = False) -> float:
         """Seconds until the next renewal: at half-life. A certificate already past it is
@@ -166,8 +166,12 @@ class CertificateManager:
             except ZtunnelError as e:
                 entry.failures += 1
                 entry.last_error = str(e)
-                log.warning("certificate renewal for %s failed (attempt %d): %s",
-                            identity, entry.failures, e)
+                log.warning(
+                    "certificate renewal for %s failed (attempt %d): %s",
+                    identity,
+                    entry.failures,
+                    e,
+                )
                 continue
             self._store(identity, entry, cert)
             entry.aged = self.renewal_delay(cert) <= 0

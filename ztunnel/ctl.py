@@ -10,12 +10,12 @@ and talk to the agent through `AdminClient`.
 from __future__ import annotations
 
 import argparse
-import urllib.parse
 import functools
 import http.client
 import ipaddress
 import json
 import sys
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -296,9 +296,11 @@ def _run_check(args: argparse.Namespace, out: TextIO) -> int:
     if output != "table":
         out.write(render(result, output) + "\n")
     else:
-        out.write(f"from: {result['source']}"
-                  + (f" ({result['source_identity']})" if result.get("source_identity") else "")
-                  + f", source ip {result['source_ip']}\n")
+        out.write(
+            f"from: {result['source']}"
+            + (f" ({result['source_identity']})" if result.get("source_identity") else "")
+            + f", source ip {result['source_ip']}\n"
+        )
         out.write(f"to:   {result['destination']}\n\n")
         out.write(str(result["text"]).rstrip() + "\n")
     return 0 if result.get("allowed") else 3
@@ -352,14 +354,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     dump.set_defaults(func=_guard(_run_dump))
     check = ctl_sub.add_parser(
-        "check", parents=[common],
+        "check",
+        parents=[common],
         help="explain how the agent's policies decide a connection (exit 3 when denied)",
     )
-    check.add_argument("--from", dest="source", required=True,
-                       metavar="WORKLOAD|IP|SPIFFE-ID",
-                       help="the client: a workload (name or namespace/name), an IP, or a "
-                       "SPIFFE identity")
-    check.add_argument("--to", required=True, metavar="IP:PORT",
-                       help="the destination: a workload address local to this agent")
+    check.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="WORKLOAD|IP|SPIFFE-ID",
+        help="the client: a workload (name or namespace/name), an IP, or a SPIFFE identity",
+    )
+    check.add_argument(
+        "--to",
+        required=True,
+        metavar="IP:PORT",
+        help="the destination: a workload address local to this agent",
+    )
     check.add_argument("--source-ip", default=None, help="client IP to assume with a SPIFFE id")
     check.set_defaults(func=_guard(_run_check))

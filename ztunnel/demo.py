@@ -38,12 +38,25 @@ class Flow:
 
 
 def mesh_config(net: str) -> dict[str, object]:
-    def wl(name: str, ns: str, sa: str, ip: str, node: str, proto: str = "HBONE",
-           services: dict[str, dict[int, int]] | None = None) -> dict[str, object]:
+    def wl(
+        name: str,
+        ns: str,
+        sa: str,
+        ip: str,
+        node: str,
+        proto: str = "HBONE",
+        services: dict[str, dict[int, int]] | None = None,
+    ) -> dict[str, object]:
         return {
-            "uid": f"Kubernetes//Pod/{ns}/{name}", "name": name, "namespace": ns,
-            "serviceAccount": sa, "workloadIps": [ip], "protocol": proto, "node": node,
-            "canonicalName": name.rsplit("-", 1)[0], "canonicalRevision": "v1",
+            "uid": f"Kubernetes//Pod/{ns}/{name}",
+            "name": name,
+            "namespace": ns,
+            "serviceAccount": sa,
+            "workloadIps": [ip],
+            "protocol": proto,
+            "node": node,
+            "canonicalName": name.rsplit("-", 1)[0],
+            "canonicalRevision": "v1",
             "services": services or {},
         }
 
@@ -56,26 +69,58 @@ def mesh_config(net: str) -> dict[str, object]:
             wl("legacy-b", "legacy", "default", f"{net}.12", "node-b", proto="TCP"),
         ],
         "services": [
-            {"name": "echo", "namespace": "shop", "hostname": "echo.shop.svc.cluster.local",
-             "vips": [f"{net}.100"], "ports": {80: 8080}},
+            {
+                "name": "echo",
+                "namespace": "shop",
+                "hostname": "echo.shop.svc.cluster.local",
+                "vips": [f"{net}.100"],
+                "ports": {80: 8080},
+            },
         ],
         "policies": [
-            {"name": "deny-admin-port", "namespace": "shop", "scope": "Namespace",
-             "action": "Deny", "rules": [[[{"destinationPorts": [9090]}]]]},
+            {
+                "name": "deny-admin-port",
+                "namespace": "shop",
+                "scope": "Namespace",
+                "action": "Deny",
+                "rules": [[[{"destinationPorts": [9090]}]]],
+            },
         ],
     }
 
 
-def start_agent(node: str, workdir: Path, ca_dir: Path, cfg: Path, hbone_port: int,
-                verbose: bool) -> tuple[subprocess.Popen[bytes], int]:
+def start_agent(
+    node: str, workdir: Path, ca_dir: Path, cfg: Path, hbone_port: int, verbose: bool
+) -> tuple[subprocess.Popen[bytes], int]:
     socks = free_port()
     env = dict(os.environ)
     cmd = [
-        sys.executable, "-m", "ztunnel", "run", "--node-name", node, "--local-xds", str(cfg),
-        "--ca-dir", str(ca_dir), "--hbone-port", str(hbone_port),
-        "--outbound-port", str(free_port()), "--inbound-plaintext-port", str(free_port()),
-        "--socks5-port", str(socks), "--admin-port", "0", "--stats-port", "0",
-        "--readiness-port", "0", "--drain-timeout", "2",
+        sys.executable,
+        "-m",
+        "ztunnel",
+        "run",
+        "--node-name",
+        node,
+        "--local-xds",
+        str(cfg),
+        "--ca-dir",
+        str(ca_dir),
+        "--hbone-port",
+        str(hbone_port),
+        "--outbound-port",
+        str(free_port()),
+        "--inbound-plaintext-port",
+        str(free_port()),
+        "--socks5-port",
+        str(socks),
+        "--admin-port",
+        "0",
+        "--stats-port",
+        "0",
+        "--readiness-port",
+        "0",
+        "--drain-timeout",
+        "2",
     ]
     log = None if verbose else open(workdir / f"{node}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -103,7 +148,7 @@ async def _run_flows(net: str, socks_a: int, servers: dict[str, EchoServer]) -> 
         ("nothing listening", f"{net}.11", 9, "-"),
     ]
     rows = []
-    for name, dest, port, target in flows:
+    for name, dest, port, _target in flows:
         before = {k: s.accepted for k, s in servers.items()}
         payload = f"hello {name}".encode()
         t0 = time.perf_counter()
@@ -120,8 +165,9 @@ async def _run_flows(net: str, socks_a: int, servers: dict[str, EchoServer]) -> 
         seen = ""
         for k in served:
             seen = servers[k].peers[-1][0]
-        rows.append([name, f"{dest}:{port}", ",".join(served) or "-", seen or "-", result,
-                     f"{ms:.1f}"])
+        rows.append(
+            [name, f"{dest}:{port}", ",".join(served) or "-", seen or "-", result, f"{ms:.1f}"]
+        )
     return rows
 
 
@@ -148,8 +194,14 @@ def run_demo(verbose: bool = False) -> int:
         a, socks_a = start_agent("node-a", workdir, ca_dir, cfg, hbone_port, verbose)
         b, _ = start_agent("node-b", workdir, ca_dir, cfg, hbone_port, verbose)
         procs += [a, b]
-        wait_for(lambda: port_open("127.0.0.1", socks_a) and port_open(f"{net}.11", hbone_port)
-                 and port_open(f"{net}.2", hbone_port), timeout=20)
+        wait_for(
+            lambda: (
+                port_open("127.0.0.1", socks_a)
+                and port_open(f"{net}.11", hbone_port)
+                and port_open(f"{net}.2", hbone_port)
+            ),
+            timeout=20,
+        )
 
         async def scenario() -> list[list[str]]:
             servers = {
@@ -168,14 +220,19 @@ def run_demo(verbose: bool = False) -> int:
 
         rows = asyncio.run(scenario())
         print("  [3/3] summary\n")
-        print(_table(rows, ["flow", "destination", "served by", "server saw client",
-                            "result", "ms"]))
-        print(f"\nclient-a is {net}.1 (spiffe://cluster.local/ns/frontend/sa/web); HBONE "
-              "flows are mutual TLS 1.3 + HTTP/2 CONNECT between the two agents; the server "
-              "sees the real client address.")
+        print(
+            _table(rows, ["flow", "destination", "served by", "server saw client", "result", "ms"])
+        )
+        print(
+            f"\nclient-a is {net}.1 (spiffe://cluster.local/ns/frontend/sa/web); HBONE "
+            "flows are mutual TLS 1.3 + HTTP/2 CONNECT between the two agents; the server "
+            "sees the real client address."
+        )
         failed = [r for r in rows[:-2] if not r[4].startswith("ok")]
-        if failed or rows[-2][4] != "refused (SOCKS5 reply 2)" or rows[-1][4] != (
-            "refused (SOCKS5 reply 5)"
+        if (
+            failed
+            or rows[-2][4] != "refused (SOCKS5 reply 2)"
+            or rows[-1][4] != ("refused (SOCKS5 reply 5)")
         ):
             print("\ndemo: UNEXPECTED RESULTS (see above); agent logs in", workdir)
             return 1

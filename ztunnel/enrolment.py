@@ -141,8 +141,7 @@ class EnrolmentService:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        self._server = await asyncio.start_unix_server(self._handle, path=str(path),
-                                                       limit=MAX_LINE)
+        self._server = await asyncio.start_unix_server(self._handle, path=str(path), limit=MAX_LINE)
         os.chmod(path, 0o600)
 
     async def close(self) -> None:
@@ -198,18 +197,20 @@ class EnrolmentService:
                 await call(self.backend.enrol, req)
             elif known and known.get("enrolled"):
                 await call(self.backend.unenrol, self._stored(req.key, known))
-            self.pods[req.key] = {"ifname": req.ifname, "ips": [str(i) for i in req.ips],
-                                  "enrolled": enrolled}
+            self.pods[req.key] = {
+                "ifname": req.ifname,
+                "ips": [str(i) for i in req.ips],
+                "enrolled": enrolled,
+            }
         elif req.op == "unenrol":
             if known is not None:
                 await call(self.backend.unenrol, self._stored(req.key, known))
                 known["enrolled"] = False
-        elif req.op == "remove_pod":
-            if known is not None:
-                stored = self._stored(req.key, known)
-                await call(self.backend.unenrol, stored)
-                await call(self.backend.detach_pod, stored)
-                del self.pods[req.key]
+        elif req.op == "remove_pod" and known is not None:
+            stored = self._stored(req.key, known)
+            await call(self.backend.unenrol, stored)
+            await call(self.backend.detach_pod, stored)
+            del self.pods[req.key]
         self._save()
         log.info("enrolment: %s %s", req.op, req.key)
         return {"ok": True, "pod": self.pods.get(req.key)}
@@ -217,8 +218,13 @@ class EnrolmentService:
     @staticmethod
     def _stored(key: str, rec: dict[str, Any]) -> PodRequest:
         ns, _, name = key.partition("/")
-        return PodRequest("stored", ns, name, str(rec.get("ifname", "")),
-                          tuple(ipaddress.ip_address(i) for i in rec.get("ips", [])))
+        return PodRequest(
+            "stored",
+            ns,
+            name,
+            str(rec.get("ifname", "")),
+            tuple(ipaddress.ip_address(i) for i in rec.get("ips", [])),
+        )
 
 
 def request(socket_path: str, obj: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -239,7 +245,9 @@ def request(socket_path: str, obj: dict[str, Any], timeout: float = 30.0) -> dic
     try:
         answer = json.loads(buf)
     except ValueError:
-        raise EnrolmentError(f"node agent at {socket_path} sent a bad answer: {buf[:200]!r}") from None
+        raise EnrolmentError(
+            f"node agent at {socket_path} sent a bad answer: {buf[:200]!r}"
+        ) from None
     if not isinstance(answer, dict):
         raise EnrolmentError("bad answer from the node agent")
     if not answer.get("ok"):

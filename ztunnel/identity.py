@@ -25,7 +25,10 @@ class SpiffeId:
     def __post_init__(self) -> None:
         if not _TRUST_DOMAIN.match(self.trust_domain):
             raise IdentityError(f"invalid trust domain {self.trust_domain!r}")
-        for part, value in (("namespace", self.namespace), ("service account", self.service_account)):
+        for part, value in (
+            ("namespace", self.namespace),
+            ("service account", self.service_account),
+        ):
             if not value or not _SEGMENT.match(value):
                 raise IdentityError(f"invalid {part} {value!r} in SPIFFE identity")
 

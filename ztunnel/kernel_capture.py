@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 def capture_config(s: Settings) -> CaptureConfig:
     if not s.node_ip:
-        raise ConfigError("settings", "node_ip", "--capture ebpf needs --node-ip (the node's address)")
+        raise ConfigError(
+            "settings", "node_ip", "--capture ebpf needs --node-ip (the node's address)"
+        )
     node_ip = ipaddress.ip_address(s.node_ip)
     if not isinstance(node_ip, ipaddress.IPv4Address):
         raise ConfigError("settings", "node_ip", "the node address must be IPv4")
@@ -83,8 +85,11 @@ class KernelCapture:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.service._executor, self.capture.start, fds)
         await self.service.start()
-        log.info("eBPF capture running: %d pods enrolled, fail mode %s",
-                 len(self.service.pods), self.config.fail_mode.value)
+        log.info(
+            "eBPF capture running: %d pods enrolled, fail mode %s",
+            len(self.service.pods),
+            self.config.fail_mode.value,
+        )
 
     async def close(self) -> None:
         """Stop serving enrolment; keep programs and pinned maps so pods stay enrolled."""

@@ -261,8 +261,9 @@ def parse_documents(docs: list[Any], source: str) -> MeshState:
             istio_docs.append((prefix or "<top>", obj))
             continue
         if "kind" in obj:
-            raise ctx.fail(f"{prefix}.kind" if prefix else "kind",
-                           f"unsupported kind {obj.get('kind')!r}")
+            raise ctx.fail(
+                f"{prefix}.kind" if prefix else "kind", f"unsupported kind {obj.get('kind')!r}"
+            )
         unknown = set(obj) - {"workloads", "services", "policies"}
         if unknown:
             raise ctx.fail(prefix or "<top>", f"unknown keys: {sorted(unknown)}")
@@ -272,15 +273,25 @@ def parse_documents(docs: list[Any], source: str) -> MeshState:
         for i, raw in enumerate(_list(ctx, obj.get("services"), f"{dot}services")):
             services.append(_service(ctx, raw, f"{dot}services[{i}]"))
         policies.extend(
-            parse_local_policies(_list(ctx, obj.get("policies"), f"{dot}policies"), source,
-                                 f"{dot}policies", warnings=warnings)
+            parse_local_policies(
+                _list(ctx, obj.get("policies"), f"{dot}policies"),
+                source,
+                f"{dot}policies",
+                warnings=warnings,
+            )
         )
     policies.extend(parse_istio_resources(istio_docs, source, warnings=warnings))
     # Like istiod: a workload names the selector policies whose labels select it.
     workloads = [
-        replace(w, authorization_policies=tuple(sorted(
-            set(w.authorization_policies) | set(select_policies(policies, w.namespace, w.labels))
-        )))
+        replace(
+            w,
+            authorization_policies=tuple(
+                sorted(
+                    set(w.authorization_policies)
+                    | set(select_policies(policies, w.namespace, w.labels))
+                )
+            ),
+        )
         for w in workloads
     ]
     for warning in warnings:
@@ -293,8 +304,9 @@ def parse_documents(docs: list[Any], source: str) -> MeshState:
         seen_uid[w.uid] = w.name
         for ip in w.addresses:
             if ip in seen_ip:
-                raise ctx.fail(f"workload {w.name}",
-                               f"address {ip} is already used by workload {seen_ip[ip]}")
+                raise ctx.fail(
+                    f"workload {w.name}", f"address {ip} is already used by workload {seen_ip[ip]}"
+                )
             seen_ip[ip] = w.name
     return MeshState.build(workloads, services, policies)
 

@@ -34,8 +34,9 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
-        extra = {k: v for k, v in record.__dict__.items()
-                 if k not in _RESERVED and not k.startswith("_")}
+        extra = {
+            k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")
+        }
         if extra:
             base += " " + " ".join(f"{k}={v}" for k, v in extra.items())
         return base

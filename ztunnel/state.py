@@ -71,9 +71,7 @@ class MeshState:
             w for w in self.endpoints.get(service.key, ()) if w.status is WorkloadStatus.HEALTHY
         ]
 
-    def pick_endpoint(
-        self, service: Service, rng: random.Random | None = None
-    ) -> Workload | None:
+    def pick_endpoint(self, service: Service, rng: random.Random | None = None) -> Workload | None:
         """A random healthy endpoint of the service, or None when it has none."""
         candidates = self.healthy_endpoints(service)
         if not candidates:

@@ -28,7 +28,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError("condition not met within %.1fs" % timeout)
+            raise TimeoutError(f"condition not met within {timeout:.1f}s")
         time.sleep(interval)
 
 
@@ -38,7 +38,7 @@ async def async_wait_for(
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError("condition not met within %.1fs" % timeout)
+            raise TimeoutError(f"condition not met within {timeout:.1f}s")
         await asyncio.sleep(interval)
 
 
@@ -62,8 +62,9 @@ class EchoServer:
     server: asyncio.AbstractServer | None = None
 
     async def start(self) -> EchoServer:
-        self.server = await asyncio.start_server(self._handle, self.ip, self.port,
-                                                 reuse_address=True, limit=1 << 20)
+        self.server = await asyncio.start_server(
+            self._handle, self.ip, self.port, reuse_address=True, limit=1 << 20
+        )
         return self
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -97,7 +98,10 @@ class SocksRefused(Exception):
 
 
 async def socks5_connect(
-    proxy: tuple[str, int], host: str, port: int, source_ip: str | None = None,
+    proxy: tuple[str, int],
+    host: str,
+    port: int,
+    source_ip: str | None = None,
     timeout: float = 10.0,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a connection through a SOCKS5 proxy from `source_ip`; SocksRefused on failure."""

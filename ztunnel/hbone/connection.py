@@ -37,8 +37,18 @@ class HboneStream:
     """One CONNECT tunnel: ordered bytes both ways, with half-close."""
 
     __slots__ = (
-        "_conn", "_eof", "_error", "_recv", "_recv_waiter", "_response", "_sent_end",
-        "_window_waiter", "bytes_received", "bytes_sent", "request", "stream_id",
+        "_conn",
+        "_eof",
+        "_error",
+        "_recv",
+        "_recv_waiter",
+        "_response",
+        "_sent_end",
+        "_window_waiter",
+        "bytes_received",
+        "bytes_sent",
+        "request",
+        "stream_id",
     )
 
     def __init__(self, conn: HboneConnection, stream_id: int) -> None:
@@ -282,8 +292,9 @@ class HboneConnection(asyncio.Protocol):
         elif isinstance(ev, p.ConnectRequested):
             self._on_connect(ev)
         elif isinstance(ev, p.ConnectRefused):
-            log.info("%s: refused stream %d with %d: %s", self.name, ev.stream_id, ev.status,
-                     ev.reason)
+            log.info(
+                "%s: refused stream %d with %d: %s", self.name, ev.stream_id, ev.status, ev.reason
+            )
         elif isinstance(ev, p.GoawayReceived):
             for sid, s in list(self.streams.items()):
                 if self.client and sid > ev.last_stream_id:

@@ -8,6 +8,7 @@ creation is single-flight per key; connections idle for 5 minutes are released.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
@@ -94,10 +95,13 @@ class HbonePool:
             finally:
                 self._creating.pop(key, None)
             self._conns.setdefault(key, []).append(conn)
-            conn.closed.add_done_callback(lambda _f, c=conn: self._forget(key, c))
+            conn.closed.add_done_callback(functools.partial(self._forget_cb, key, conn))
             fut.set_result(conn)
             self._ensure_sweeper()
             return conn
+
+    def _forget_cb(self, key: PoolKey, conn: HboneConnection, _f: object) -> None:
+        self._forget(key, conn)
 
     def _forget(self, key: PoolKey, conn: HboneConnection) -> None:
         conns = self._conns.get(key)
@@ -137,7 +141,8 @@ class HbonePool:
 
             def factory() -> HboneConnection:
                 c = HboneConnection(
-                    client=True, name=name,
+                    client=True,
+                    name=name,
                     peer_check=lambda der: check_server_identity(der, key.expected_identities),
                 )
                 made.append(c)

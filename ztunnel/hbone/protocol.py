@@ -8,6 +8,7 @@ above what TLS and the sockets allow, so own framing would not pay.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass
 from typing import Any
@@ -141,7 +142,7 @@ class _GracefulH2Connection(h2.connection.H2Connection):
 
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
         if frame.error_code:
-            return super()._receive_goaway_frame(frame)  # type: ignore[no-any-return]
+            return super()._receive_goaway_frame(frame)
         ev = h2.events.ConnectionTerminated()
         ev.error_code = h2.errors.ErrorCodes.NO_ERROR
         ev.last_stream_id = frame.last_stream_id
@@ -167,7 +168,7 @@ class _GracefulH2Connection(h2.connection.H2Connection):
             self._write_rst(frame.stream_id, ErrorCode.REFUSED_STREAM)
             return [], []
         try:
-            return super()._receive_headers_frame(frame)  # type: ignore[no-any-return]
+            return super()._receive_headers_frame(frame)
         except (h2.exceptions.TooManyStreamsError, h2.exceptions.StreamIDTooLowError):
             raise
         except h2.exceptions.ProtocolError as e:
@@ -308,7 +309,9 @@ class HboneProtocol:
             headers[k.decode("latin-1")] = v.decode("latin-1")
         sid = ev.stream_id
         if headers.get(":method") != "CONNECT":
-            return out.append(self._refuse(sid, 400, f"method {headers.get(':method')!r} is not CONNECT"))
+            return out.append(
+                self._refuse(sid, 400, f"method {headers.get(':method')!r} is not CONNECT")
+            )
         try:
             target = parse_authority(headers.get(":authority", ""))
         except HboneError as e:
@@ -326,10 +329,8 @@ class HboneProtocol:
         return ConnectRefused(stream_id, status, reason)
 
     def _fail(self, code: int, reason: str) -> ConnectionFailed:
-        try:
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self._h2.close_connection(error_code=code)
-        except h2.exceptions.ProtocolError:
-            pass
         self.closed = True
         self.goaway_sent = True
         return ConnectionFailed(code, reason)
@@ -342,12 +343,10 @@ class HboneProtocol:
         return sid
 
     def respond(self, stream_id: int, status: int, end_stream: bool = False) -> None:
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._h2.send_headers(
                 stream_id, [(b":status", str(status).encode())], end_stream=end_stream
             )
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
 
     def send_capacity(self, stream_id: int) -> int:
         """How many bytes may be sent on the stream right now (0 if closed)."""
@@ -374,16 +373,12 @@ class HboneProtocol:
         return sent
 
     def end_stream(self, stream_id: int) -> None:
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._h2.end_stream(stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
 
     def reset_stream(self, stream_id: int, code: int = ErrorCode.CANCEL) -> None:
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._h2.reset_stream(stream_id, code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
 
     def consumed(self, stream_id: int, n: int) -> None:
         """The application took `n` bytes: give the peer that much window back."""
@@ -393,17 +388,17 @@ class HboneProtocol:
             self._h2.acknowledge_received_data(n, stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
             # The stream is gone; still return the connection-level window.
-            try:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._h2.increment_flow_control_window(n)
-            except h2.exceptions.ProtocolError:
-                pass
 
     def goaway(self, code: int = ErrorCode.NO_ERROR) -> None:
         """Graceful drain: no new streams; existing ones finish (RFC 9113 section 6.8)."""
         if not self.goaway_sent and not self.closed:
             self.goaway_sent = True
             if code != ErrorCode.NO_ERROR:
-                self._h2.close_connection(error_code=code, last_stream_id=self._highest_peer_stream())
+                self._h2.close_connection(
+                    error_code=code, last_stream_id=self._highest_peer_stream()
+                )
                 return
             frame = hyperframe.frame.GoAwayFrame(stream_id=0)
             frame.last_stream_id = self._highest_peer_stream()

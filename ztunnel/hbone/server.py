@@ -53,7 +53,8 @@ class HboneServer:
         """Start accepting on an already bound and listening socket."""
         sock.setblocking(False)
         self._sockets.append(sock)
-        name = "hbone-accept %s:%d" % sock.getsockname()[:2]
+        host, port = sock.getsockname()[:2]
+        name = f"hbone-accept {host}:{port}"
         task = asyncio.get_running_loop().create_task(self._accept_loop(sock), name=name)
         self._accept_tasks.add(task)
 
@@ -92,7 +93,9 @@ class HboneServer:
 
         def factory() -> HboneConnection:
             c = HboneConnection(
-                client=False, handler=self.handler, name=f"hbone-server {peer[0]}",
+                client=False,
+                handler=self.handler,
+                name=f"hbone-server {peer[0]}",
                 peer_check=lambda der: check_client_identity(der, self.trust_domain),
             )
             made.append(c)

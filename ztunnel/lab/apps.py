@@ -33,8 +33,7 @@ async def _serve(name: str, ports: list[int]) -> None:
         finally:
             w.close()
 
-    servers = [await asyncio.start_server(handle, "0.0.0.0", p, reuse_address=True)
-               for p in ports]
+    servers = [await asyncio.start_server(handle, "0.0.0.0", p, reuse_address=True) for p in ports]
     print(json.dumps({"serving": name, "ports": ports}), flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
@@ -45,7 +44,8 @@ def call(ip: str, port: int, marker: str, timeout: float = 5.0) -> dict[str, obj
     out: dict[str, object] = {"dest": f"{ip}:{port}"}
     try:
         with socket.create_connection((ip, port), timeout=timeout) as s:
-            out["local"] = "%s:%d" % s.getsockname()[:2]
+            host, lport = s.getsockname()[:2]
+            out["local"] = f"{host}:{lport}"
             f = s.makefile("rb")
             hello = f.readline().decode().strip()
             s.sendall(marker.encode())

@@ -46,8 +46,11 @@ def _path(src_recs: list[dict[str, Any]], dst_recs: list[dict[str, Any]]) -> tup
     parts = []
     if out:
         o = out[-1]
-        parts.append(f"15001 -> HBONE {o['dst.addr']}" if o.get("dst.hbone_addr")
-                     and o.get("dst.addr") != o.get("dst.hbone_addr") else "15001 -> direct")
+        parts.append(
+            f"15001 -> HBONE {o['dst.addr']}"
+            if o.get("dst.hbone_addr") and o.get("dst.addr") != o.get("dst.hbone_addr")
+            else "15001 -> direct"
+        )
     if inb:
         i = inb[-1]
         parts.append("15008" if i.get("src.identity") else "15006 (plaintext)")
@@ -65,10 +68,7 @@ def _path(src_recs: list[dict[str, Any]], dst_recs: list[dict[str, Any]]) -> tup
 
 
 def _call(t: Topology, f: Flow, marker: str) -> dict[str, Any]:
-    if f.src.startswith("node:"):
-        netns = t.node(f.src[5:]).netns
-    else:
-        netns = t.pod(f.src).netns
+    netns = t.node(f.src[5:]).netns if f.src.startswith("node:") else t.pod(f.src).netns
     return runner.call_from(netns, f.dst_ip, f.port, marker)
 
 
@@ -90,25 +90,35 @@ def run(t: Topology, progress: runner.Progress) -> list[list[str]]:
         src_node = f.src[5:] if f.src.startswith("node:") else t.pod(f.src).node
         dst_node = next((pod.node for pod in t.pods() if str(pod.ip) == f.dst_ip), None)
         src_recs = recs.get(src_node, [])
-        dst_recs = recs.get(dst_node, []) if dst_node else [
-            r for n in t.nodes for r in recs[n.name] if r.get("direction") == "inbound"
-        ]
+        dst_recs = (
+            recs.get(dst_node, [])
+            if dst_node
+            else [r for n in t.nodes for r in recs[n.name] if r.get("direction") == "inbound"]
+        )
         path, ids = _path(src_recs, dst_recs)
-        if res.get("ok"):
-            result = "ok, echoed"
-        else:
-            result = f"refused: {res.get('error', '?')}"
+        result = "ok, echoed" if res.get("ok") else f"refused: {res.get('error', '?')}"
         verdict = "PASS" if (res.get("ok") if f.expect == "ok" else not res.get("ok")) else "FAIL"
         src_label = f.src if not f.src.startswith("node:") else f"{f.src[5:]} (node)"
-        rows.append([f.name, f"{src_label} -> {f.dst_ip}:{f.port}", path, ids,
-                     str(res.get("server_saw", "-")), result, verdict])
+        rows.append(
+            [
+                f.name,
+                f"{src_label} -> {f.dst_ip}:{f.port}",
+                path,
+                ids,
+                str(res.get("server_saw", "-")),
+                result,
+                verdict,
+            ]
+        )
     return rows
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
 
@@ -123,21 +133,40 @@ def main(nodes: int = 2, pods: int = 3, keep: bool = False) -> int:
     print("ztunnel lab demo: node agents with eBPF capture in network namespaces")
     t = runner.up(nodes, pods, progress)
     try:
-        print(f"  lab {t.lab_id} up in {time.monotonic() - t0:.1f}s: "
-              + ", ".join(f"{n.name}={n.ip} ({len(n.pods)} pods)" for n in t.nodes))
+        print(
+            f"  lab {t.lab_id} up in {time.monotonic() - t0:.1f}s: "
+            + ", ".join(f"{n.name}={n.ip} ({len(n.pods)} pods)" for n in t.nodes)
+        )
         for pod in t.pods():
             r = runner.role_of(pod)
-            print(f"     {pod.name:6} {pod.ip!s:12} {r.namespace}/{r.service_account:8} "
-                  f"{'enrolled' if r.enrolled else 'not enrolled'}")
+            print(
+                f"     {pod.name:6} {pod.ip!s:12} {r.namespace}/{r.service_account:8} "
+                f"{'enrolled' if r.enrolled else 'not enrolled'}"
+            )
         rows = run(t, progress)
         print()
-        print(table(rows, ["flow", "from -> to", "path", "identities (src -> dst)",
-                           "server saw", "result", "check"]))
+        print(
+            table(
+                rows,
+                [
+                    "flow",
+                    "from -> to",
+                    "path",
+                    "identities (src -> dst)",
+                    "server saw",
+                    "result",
+                    "check",
+                ],
+            )
+        )
         print()
         for n in t.nodes:
             totals = runner.metrics_totals(n)
-            shown = ", ".join(f"{k}={int(v)}" for k, v in sorted(totals.items())
-                              if "connections_opened" in k or "bytes" in k)
+            shown = ", ".join(
+                f"{k}={int(v)}"
+                for k, v in sorted(totals.items())
+                if "connections_opened" in k or "bytes" in k
+            )
             print(f"  agent {n.name} counters: {shown or '(none)'}")
         failed = [r for r in rows if r[-1] != "PASS"]
         print(f"\n{len(rows) - len(failed)} of {len(rows)} flows behaved as expected.")

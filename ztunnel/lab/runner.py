@@ -70,21 +70,42 @@ def mesh_state(t: Topology) -> dict[str, Any]:
         for pod in node.pods:
             r = role_of(pod)
             services = {f"shop/{SERVICE_HOST}": {80: 8080}} if r.app == "echo" else {}
-            workloads.append({
-                "uid": f"Kubernetes//Pod/{r.namespace}/{pod.name}",
-                "name": pod.name, "namespace": r.namespace, "serviceAccount": r.service_account,
-                "workloadIps": [str(pod.ip)], "node": node.name,
-                # Pods outside the ambient mesh are plain TCP workloads, as istiod reports them.
-                "protocol": "HBONE" if r.enrolled else "TCP",
-                "canonicalName": r.app, "canonicalRevision": "v1", "services": services,
-                "labels": {"app": r.app},
-            })
+            workloads.append(
+                {
+                    "uid": f"Kubernetes//Pod/{r.namespace}/{pod.name}",
+                    "name": pod.name,
+                    "namespace": r.namespace,
+                    "serviceAccount": r.service_account,
+                    "workloadIps": [str(pod.ip)],
+                    "node": node.name,
+                    # Pods outside the ambient mesh are plain TCP workloads, as istiod reports them.
+                    "protocol": "HBONE" if r.enrolled else "TCP",
+                    "canonicalName": r.app,
+                    "canonicalRevision": "v1",
+                    "services": services,
+                    "labels": {"app": r.app},
+                }
+            )
     return {
         "workloads": workloads,
-        "services": [{"name": "echo", "namespace": "shop", "hostname": SERVICE_HOST,
-                      "vips": [SERVICE_VIP], "ports": {80: 8080}}],
-        "policies": [{"name": "deny-admin-port", "namespace": "shop", "scope": "Namespace",
-                      "action": "Deny", "rules": [[[{"destinationPorts": [9090]}]]]}],
+        "services": [
+            {
+                "name": "echo",
+                "namespace": "shop",
+                "hostname": SERVICE_HOST,
+                "vips": [SERVICE_VIP],
+                "ports": {80: 8080},
+            }
+        ],
+        "policies": [
+            {
+                "name": "deny-admin-port",
+                "namespace": "shop",
+                "scope": "Namespace",
+                "action": "Deny",
+                "rules": [[[{"destinationPorts": [9090]}]]],
+            }
+        ],
     }
 
 
@@ -92,13 +113,40 @@ def agent_argv(t: Topology, node: NodeSpec) -> list[str]:
     d = lab_dir(t.lab_id)
     nd = d / node.name
     return [
-        sys.executable, "-m", "ztunnel", "run", "--capture", "ebpf",
-        "--node-name", node.name, "--node-ip", str(node.ip), "--uplink", node.uplink_ifname,
-        "--bpf-pin-dir", str(node.pin_dir), "--local-xds", str(d / "mesh.yaml"),
-        "--ca-dir", str(d / "ca"), "--enrolment-socket", str(nd / "ztunnel.sock"),
-        "--state-dir", str(nd), "--log-format", "json", "--socks5-port", "0",
-        "--admin-port", str(ADMIN_PORT), "--stats-port", str(STATS_PORT),
-        "--readiness-port", str(READY_PORT), "--drain-timeout", "2",
+        sys.executable,
+        "-m",
+        "ztunnel",
+        "run",
+        "--capture",
+        "ebpf",
+        "--node-name",
+        node.name,
+        "--node-ip",
+        str(node.ip),
+        "--uplink",
+        node.uplink_ifname,
+        "--bpf-pin-dir",
+        str(node.pin_dir),
+        "--local-xds",
+        str(d / "mesh.yaml"),
+        "--ca-dir",
+        str(d / "ca"),
+        "--enrolment-socket",
+        str(nd / "ztunnel.sock"),
+        "--state-dir",
+        str(nd),
+        "--log-format",
+        "json",
+        "--socks5-port",
+        "0",
+        "--admin-port",
+        str(ADMIN_PORT),
+        "--stats-port",
+        str(STATS_PORT),
+        "--readiness-port",
+        str(READY_PORT),
+        "--drain-timeout",
+        "2",
     ]
 
 
@@ -124,9 +172,14 @@ def start_agent(t: Topology, node: NodeSpec) -> int:
     nd = lab_dir(t.lab_id) / node.name
     nd.mkdir(parents=True, exist_ok=True)
     log = open(nd / "agent.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = topo.popen_in_netns(node.netns, agent_argv(t, node), stdout=log,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True)
+    proc = topo.popen_in_netns(
+        node.netns,
+        agent_argv(t, node),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     log.close()
     (nd / "agent.pid").write_text(str(proc.pid))
     return proc.pid
@@ -138,8 +191,10 @@ def wait_agent(t: Topology, node: NodeSpec, timeout: float = AGENT_START_TIMEOUT
     detail = ""
     while time.monotonic() < deadline:
         if not _alive(pid):
-            raise LabError(f"agent of {node.name} exited; see {lab_dir(t.lab_id) / node.name}/agent.log:\n"
-                           + _tail(lab_dir(t.lab_id) / node.name / "agent.log"))
+            raise LabError(
+                f"agent of {node.name} exited; see {lab_dir(t.lab_id) / node.name}/agent.log:\n"
+                + _tail(lab_dir(t.lab_id) / node.name / "agent.log")
+            )
         ok, detail = agent_ready(node)
         if ok:
             return
@@ -190,9 +245,20 @@ def start_apps(t: Topology, pod: PodSpec) -> None:
     log = open(d / f"{pod.name}.log", "ab")  # noqa: SIM115 - handed to the child
     topo.popen_in_netns(
         pod.netns,
-        [sys.executable, "-m", "ztunnel.lab.apps", "serve", "--name", pod.name,
-         "--ports", ",".join(str(p) for p in APP_PORTS)],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "ztunnel.lab.apps",
+            "serve",
+            "--name",
+            pod.name,
+            "--ports",
+            ",".join(str(p) for p in APP_PORTS),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     log.close()
 
@@ -204,10 +270,17 @@ def enrolment_socket(t: Topology, node: NodeSpec) -> str:
 def add_pod(t: Topology, pod: PodSpec, enrol: bool) -> None:
     node = t.node(pod.node)
     r = role_of(pod)
-    request(enrolment_socket(t, node), {
-        "op": "add_pod", "namespace": r.namespace, "name": pod.name,
-        "ifname": pod.host_ifname, "ips": [str(pod.ip)], "enrol": enrol,
-    })
+    request(
+        enrolment_socket(t, node),
+        {
+            "op": "add_pod",
+            "namespace": r.namespace,
+            "name": pod.name,
+            "ifname": pod.host_ifname,
+            "ips": [str(pod.ip)],
+            "enrol": enrol,
+        },
+    )
 
 
 def set_enrolled(t: Topology, pod: PodSpec, enrolled: bool) -> None:
@@ -216,8 +289,10 @@ def set_enrolled(t: Topology, pod: PodSpec, enrolled: bool) -> None:
         add_pod(t, pod, True)
     else:
         r = role_of(pod)
-        request(enrolment_socket(t, t.node(pod.node)),
-                {"op": "unenrol", "namespace": r.namespace, "name": pod.name})
+        request(
+            enrolment_socket(t, t.node(pod.node)),
+            {"op": "unenrol", "namespace": r.namespace, "name": pod.name},
+        )
 
 
 def up(nodes: int = 2, pods: int = 3, progress: Progress = _quiet) -> Topology:
@@ -275,12 +350,25 @@ def current_lab() -> Topology:
 
 
 def call_from(netns: str, ip: str, port: int, marker: str, timeout: float = 3.0) -> dict[str, Any]:
-    argv = topo.netns_exec_argv(netns, [
-        sys.executable, "-m", "ztunnel.lab.apps", "call", ip, str(port), "--marker", marker,
-        "--timeout", str(timeout)])
+    argv = topo.netns_exec_argv(
+        netns,
+        [
+            sys.executable,
+            "-m",
+            "ztunnel.lab.apps",
+            "call",
+            ip,
+            str(port),
+            "--marker",
+            marker,
+            "--timeout",
+            str(timeout),
+        ],
+    )
     try:
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 20,
-                             check=False)
+        res = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout + 20, check=False
+        )
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": "client did not finish"}
     try:
@@ -350,8 +438,10 @@ def print_status() -> int:
             enrolled = sorted(k for k, v in pods.items() if v.get("enrolled"))
             totals = metrics_totals(node) if alive else {}
             opened = {k: int(v) for k, v in totals.items() if "opened" in k}
-            print(f"  node {node.name} {node.ip}: agent pid {pid or '-'} "
-                  f"{'running' if alive else 'NOT RUNNING'}{', ready' if ready else ''}")
+            print(
+                f"  node {node.name} {node.ip}: agent pid {pid or '-'} "
+                f"{'running' if alive else 'NOT RUNNING'}{', ready' if ready else ''}"
+            )
             print(f"    enrolled: {', '.join(enrolled) or '-'}")
             print(f"    connections opened: {opened or '-'}")
     return 0

@@ -21,8 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def _attrs(req: AuthzRequest) -> ConnectionAttrs:
-    return ConnectionAttrs(req.src_identity, req.src_ip, req.dst_ip, req.dst_port,
-                           req.dst_workload)
+    return ConnectionAttrs(req.src_identity, req.src_ip, req.dst_ip, req.dst_port, req.dst_workload)
 
 
 class PolicyEnforcer:
@@ -41,8 +40,11 @@ class PolicyEnforcer:
         if d.dry_run_policy is not None or d.dry_run_applicable:
             log.info(
                 "dry-run authorization for %s -> %s:%d: would be %s (%s)",
-                req.src_identity or req.src_ip, req.dst_ip, req.dst_port,
-                "allowed" if d.dry_run_allowed else "denied", d.dry_run_policy or "no policy",
+                req.src_identity or req.src_ip,
+                req.dst_ip,
+                req.dst_port,
+                "allowed" if d.dry_run_allowed else "denied",
+                d.dry_run_policy or "no policy",
             )
         reason = f"{d.reason.value}" + (f" by {d.policy}" if d.policy else "")
         return AuthzVerdict(d.allowed, reason)
@@ -64,8 +66,12 @@ class PolicyEnforcer:
                 continue
             verdict = self.authorize(req)
             if not verdict.allowed:
-                log.info("closing %s:%d -> %s:%d: no longer allowed (%s)", *rec.src, *rec.dst,
-                         verdict.reason)
+                log.info(
+                    "closing %s:%d -> %s:%d: no longer allowed (%s)",
+                    *rec.src,
+                    *rec.dst,
+                    verdict.reason,
+                )
                 rec.response_flag = "DENY"
                 rec.close(f"denied by updated policy: {verdict.reason}")
                 closed += 1
@@ -76,8 +82,9 @@ class PolicyEnforcer:
         wl = state.workload_by_ip(dst_ip)
         if wl is None or wl.node != self.node:
             return None
-        return AuthzRequest(rec.src_identity, ipaddress.ip_address(rec.src[0]), dst_ip,
-                            rec.dst[1], wl)
+        return AuthzRequest(
+            rec.src_identity, ipaddress.ip_address(rec.src[0]), dst_ip, rec.dst[1], wl
+        )
 
 
 class CheckError(ZtunnelError):
@@ -89,6 +96,7 @@ def resolve_source(
 ) -> tuple[SpiffeId | None, IPAddress, str]:
     """`--from`: a SPIFFE id, an IP, or a workload (`name` or `namespace/name`).
     Returns (identity or None for plaintext, source IP, description)."""
+    ident: SpiffeId | None
     if spec.startswith("spiffe://"):
         try:
             ident = SpiffeId.parse(spec)
@@ -104,16 +112,20 @@ def resolve_source(
         if not found:
             raise CheckError(f"no workload named {spec!r}") from None
         if len(found) > 1:
-            raise CheckError(f"{spec!r} is ambiguous: " + ", ".join(
-                f"{w.namespace}/{w.name}" for w in found))
+            names = ", ".join(f"{w.namespace}/{w.name}" for w in found)
+            raise CheckError(f"{spec!r} is ambiguous: {names}") from None
         wl = found[0]
         ident = wl.identity if wl.protocol is TunnelProtocol.HBONE else None
-        return ident, _ip(source_ip) if source_ip else wl.addresses[0], f"workload {wl.namespace}/{wl.name}"
-    wl = state.workload_by_ip(ip)
-    if wl is None:
+        return (
+            ident,
+            _ip(source_ip) if source_ip else wl.addresses[0],
+            f"workload {wl.namespace}/{wl.name}",
+        )
+    by_ip = state.workload_by_ip(ip)
+    if by_ip is None:
         return None, ip, f"{ip} (not in the mesh: plaintext, no identity)"
-    ident = wl.identity if wl.protocol is TunnelProtocol.HBONE else None
-    return ident, ip, f"workload {wl.namespace}/{wl.name} at {ip}"
+    ident = by_ip.identity if by_ip.protocol is TunnelProtocol.HBONE else None
+    return ident, ip, f"workload {by_ip.namespace}/{by_ip.name} at {ip}"
 
 
 def _ip(value: str) -> IPAddress:
@@ -137,9 +149,11 @@ def explain_check(
     if wl is None:
         raise CheckError(f"{dst_ip} is not a workload in the mesh")
     if wl.node != enforcer.node:
-        raise CheckError(f"{dst_ip} ({wl.namespace}/{wl.name}) runs on node {wl.node!r}, not "
-                         f"on {enforcer.node!r}: authorization is checked by the destination's "
-                         "agent, ask that one")
+        raise CheckError(
+            f"{dst_ip} ({wl.namespace}/{wl.name}) runs on node {wl.node!r}, not "
+            f"on {enforcer.node!r}: authorization is checked by the destination's "
+            "agent, ask that one"
+        )
     attrs = ConnectionAttrs(ident, src_ip, dst_ip, dst_port, wl)
     explanation = enforcer.authorizer.explain(attrs)
     return {

@@ -12,8 +12,8 @@ import ipaddress
 import logging
 
 from ztunnel.errors import ProxyError, ZtunnelError
-from ztunnel.hbone.headers import parse_authority
 from ztunnel.hbone.connection import HboneStream
+from ztunnel.hbone.headers import parse_authority
 from ztunnel.hbone.protocol import ConnectRequested
 from ztunnel.model import IPAddress, Workload
 from ztunnel.proxy.context import AuthzRequest, ProxyContext
@@ -44,7 +44,9 @@ class InboundProxy:
         self.ctx = ctx
         self._warned_no_spoof = False
 
-    def _connection_addresses(self, stream: HboneStream) -> tuple[tuple[str, int], IPAddress | None]:
+    def _connection_addresses(
+        self, stream: HboneStream
+    ) -> tuple[tuple[str, int], IPAddress | None]:
         transport = stream.connection.transport
         peer = transport.get_extra_info("peername") if transport else None
         local = transport.get_extra_info("sockname") if transport else None
@@ -60,8 +62,12 @@ class InboundProxy:
             peer = forwarded_client(req.headers.get("forwarded", "")) or peer
         target_ip, target_port = req.target
         rec = ConnectionRecord(
-            "inbound", peer, (str(target_ip), target_port),
-            src_identity=stream.peer_identity, mtls=True, path="hbone",
+            "inbound",
+            peer,
+            (str(target_ip), target_port),
+            src_identity=stream.peer_identity,
+            mtls=True,
+            path="hbone",
         )
         rec.src_workload = ctx.store.current.workload_by_ip(peer[0])
         wl = ctx.local_workload(target_ip)
@@ -70,8 +76,10 @@ class InboundProxy:
         reason = ""
         if wl is None:
             status, reason, flag = 503, f"{target_ip} is not a workload on this node", "NR"
-        elif local_ip is not None and local_ip != target_ip and (
-            (addressed := ctx.local_workload(local_ip)) is not None and addressed is not wl
+        elif (
+            local_ip is not None
+            and local_ip != target_ip
+            and ((addressed := ctx.local_workload(local_ip)) is not None and addressed is not wl)
         ):
             status, reason, flag = 400, f"authority {target_ip} is not this workload", "NR"
         elif target_port in ctx.own_ports:
@@ -79,8 +87,9 @@ class InboundProxy:
         else:
             rec.dst_identity = wl.identity
             verdict = ctx.authorize(
-                AuthzRequest(stream.peer_identity, ipaddress.ip_address(peer[0]), target_ip,
-                             target_port, wl)
+                AuthzRequest(
+                    stream.peer_identity, ipaddress.ip_address(peer[0]), target_ip, target_port, wl
+                )
             )
             if not verdict.allowed:
                 status, reason, flag = 401, f"denied by authorization: {verdict.reason}", "DENY"

@@ -85,8 +85,10 @@ class OutboundProxy:
         rec.hbone_target = format_authority(*r.next_hop)
         source_ip: IPAddress | None = src[0] if ctx.bind_source_ip else None
         mark = 0
-        if ctx.local_dial_mark and ctx.node_ip is not None and (
-            ctx.local_workload(r.next_hop[0]) is not None
+        if (
+            ctx.local_dial_mark
+            and ctx.node_ip is not None
+            and (ctx.local_workload(r.next_hop[0]) is not None)
         ):
             # Same node with kernel capture: our own listener, reached through local delivery.
             source_ip, mark = ctx.node_ip, ctx.local_dial_mark
@@ -134,12 +136,13 @@ class OutboundProxy:
         await self.relay(app, up)
 
     def failed(self, src: tuple[IPAddress, int], dst: tuple[IPAddress, int], e: ProxyError) -> None:
-        rec = e.record if isinstance(e.record, ConnectionRecord) else ConnectionRecord(
-            "outbound", (str(src[0]), src[1]), (str(dst[0]), dst[1])
+        rec = (
+            e.record
+            if isinstance(e.record, ConnectionRecord)
+            else ConnectionRecord("outbound", (str(src[0]), src[1]), (str(dst[0]), dst[1]))
         )
         rec.error = str(e)
         rec.response_flag = e.response_flag
         self.ctx.tracker.open(rec)
         self.ctx.tracker.close(rec)
         log.info("outbound %s:%d -> %s:%d failed: %s", src[0], src[1], dst[0], dst[1], e)
-

@@ -8,9 +8,17 @@ import asyncio
 import contextlib
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 from ztunnel.hbone.connection import HboneStream, StreamClosed
 from ztunnel.proxy.records import ConnectionRecord, ConnectionTracker
+
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class ByteCounter(Protocol):
+        def transferred(self, record: ConnectionRecord, sent: int, recv: int) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,9 @@ class TcpEnd:
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                    )
             transport.abort()
 
     async def close(self) -> None:
@@ -46,7 +56,7 @@ class TcpEnd:
 
 
 async def _app_to_stream(
-    app: TcpEnd, stream: HboneStream, rec: ConnectionRecord, tracker: ConnectionTracker
+    app: TcpEnd, stream: HboneStream, rec: ConnectionRecord, tracker: ByteCounter
 ) -> None:
     while True:
         data = await app.reader.read(CHUNK)
@@ -58,7 +68,7 @@ async def _app_to_stream(
 
 
 async def _stream_to_app(
-    stream: HboneStream, app: TcpEnd, rec: ConnectionRecord, tracker: ConnectionTracker
+    stream: HboneStream, app: TcpEnd, rec: ConnectionRecord, tracker: ByteCounter
 ) -> None:
     while True:
         data = await stream.read()
@@ -84,10 +94,10 @@ async def relay_stream(
     `app_is_client` says which way counts as "sent": from the app into the tunnel on the
     outbound side, from the tunnel into the app on the inbound side.
     """
-    rec_tracker = tracker if app_is_client else _Swapped(tracker)
+    rec_tracker: ByteCounter = tracker if app_is_client else _Swapped(tracker)
     up = asyncio.ensure_future(_app_to_stream(app, stream, rec, rec_tracker))
     down = asyncio.ensure_future(_stream_to_app(stream, app, rec, rec_tracker))
-    rec.set_closer(lambda reason: (up.cancel(), down.cancel()))
+    rec.set_closer(lambda reason: _cancel(up, down))
     await _join(up, down, rec)
     if rec.error:
         stream.reset()
@@ -118,7 +128,7 @@ async def relay_tcp(
 
     up = asyncio.ensure_future(pipe(client, server, True))
     down = asyncio.ensure_future(pipe(server, client, False))
-    rec.set_closer(lambda reason: (up.cancel(), down.cancel()))
+    rec.set_closer(lambda reason: _cancel(up, down))
     await _join(up, down, rec)
     if rec.error:
         client.abort()
@@ -127,7 +137,14 @@ async def relay_tcp(
         await asyncio.gather(client.close(), server.close())
 
 
-async def _join(up: asyncio.Future[None], down: asyncio.Future[None], rec: ConnectionRecord) -> None:
+def _cancel(*tasks: asyncio.Future[None]) -> None:
+    for t in tasks:
+        t.cancel()
+
+
+async def _join(
+    up: asyncio.Future[None], down: asyncio.Future[None], rec: ConnectionRecord
+) -> None:
     pending: set[asyncio.Future[None]] = {up, down}
     try:
         while pending:

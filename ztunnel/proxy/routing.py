@@ -51,7 +51,9 @@ class Refusal:
 Route = HboneRoute | DirectRoute | Refusal
 
 
-def _waypoint_workload(state: MeshState, gw: GatewayAddress) -> tuple[Workload | None, IPAddress | None]:
+def _waypoint_workload(
+    state: MeshState, gw: GatewayAddress
+) -> tuple[Workload | None, IPAddress | None]:
     """Resolve a waypoint reference to a workload and the address to dial."""
     dest = gw.destination
     if isinstance(dest, NamespacedHostname):
@@ -106,9 +108,7 @@ def _is_waypoint_of(source: Workload | None, gw: GatewayAddress, state: MeshStat
     return svc is not None and svc.key in source.services
 
 
-def _to_workload(
-    wl: Workload, port: int, service: Service | None, hbone_port: int
-) -> Route:
+def _to_workload(wl: Workload, port: int, service: Service | None, hbone_port: int) -> Route:
     ip = wl.addresses[0]
     if wl.protocol is TunnelProtocol.HBONE:
         ids = {wl.identity}

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 IP_TRANSPARENT = 19  # <linux/in.h>
 IPV6_TRANSPARENT = 75
+SOL_IPV6 = 41  # SOL_IPV6 is missing from typeshed on some versions
 IP_FREEBIND = 15
 
 
@@ -27,7 +28,7 @@ def listen(ip: str, port: int, transparent: bool = False, backlog: int = 4096) -
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if transparent:
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.SOL_IPV6, IPV6_TRANSPARENT, 1)
+                sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
             else:
                 sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.bind((ip, port))
@@ -59,7 +60,7 @@ async def connect_from(
             try:
                 if transparent:
                     level, opt = (
-                        (socket.SOL_IPV6, IPV6_TRANSPARENT)
+                        (SOL_IPV6, IPV6_TRANSPARENT)
                         if family == socket.AF_INET6
                         else (socket.SOL_IP, IP_TRANSPARENT)
                     )

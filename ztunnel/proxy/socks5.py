@@ -130,8 +130,10 @@ class Socks5Server:
             up = await self.outbound.open(src, dst)
         except ProxyError as e:
             self.outbound.failed(src, dst, e)
-            code = NOT_ALLOWED if e.response_flag == "DENY" else (
-                HOST_UNREACHABLE if e.response_flag == "NR" else REFUSED
+            code = (
+                NOT_ALLOWED
+                if e.response_flag == "DENY"
+                else (HOST_UNREACHABLE if e.response_flag == "NR" else REFUSED)
             )
             app.writer.write(reply(code))
             await app.close()
