@@ -46,6 +46,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ztunnel")
 
+# Capture modes with transparent 0.0.0.0 listeners on 15001/15006/15008. `tproxy` is `ebpf`
+# without the BPF side: the node's TPROXY rules and its `ip rule fwmark` local-delivery route
+# (the same mark and table as the eBPF capture) are installed by someone else, e.g. the
+# benchmark (`ztunnel.bench`), to compare the two capture paths.
+TRANSPARENT_CAPTURES = ("ebpf", "tproxy")
+
 
 @dataclass
 class Listener:
@@ -143,7 +149,7 @@ class Agent:
         s = self.settings
         if not self.store.loaded:
             self.load_state()
-        transparent = s.capture == "ebpf"
+        transparent = s.capture in TRANSPARENT_CAPTURES
         self.pool = HbonePool(
             self.certs, self.contexts, s.connect_timeout, s.pool_idle_timeout,
             transparent_source=transparent,
@@ -175,11 +181,19 @@ class Agent:
             self.store.subscribe(cb)
         if s.socks5_port:
             await self._add_listener("socks5", s.socks5_address, s.socks5_port, False)
-        if s.capture == "ebpf":
+        if s.capture in TRANSPARENT_CAPTURES:
             for kind, port in (("outbound", s.outbound_port),
                                ("inbound", s.inbound_plaintext_port), ("hbone", s.hbone_port)):
                 await self._add_listener(kind, "0.0.0.0", port, True)
+        if s.capture == "ebpf":
             await self._start_capture()
+        elif s.capture == "tproxy" and s.node_ip:
+            # Same-node HBONE as with eBPF: dialed from the node address with the mark that
+            # the installer's `ip rule` sends to local delivery.
+            from ztunnel.capture.config import DEFAULT_MARK  # pure module, no bcc
+
+            self.ctx.node_ip = ipaddress.ip_address(s.node_ip)
+            self.ctx.local_dial_mark = DEFAULT_MARK
         self._sync_listeners()
         self._spawn(self._watch_file(), "mesh-state-watch")
         # Issue local workloads' certificates up front so the first connection is fast.
@@ -224,7 +238,7 @@ class Agent:
         """Every listener the agent should have now; readiness waits for all of them."""
         s = self.settings
         want = {("socks5", s.socks5_address)} if s.socks5_port else set()
-        if s.capture == "ebpf":
+        if s.capture in TRANSPARENT_CAPTURES:
             return want | {(k, "0.0.0.0") for k in ("outbound", "inbound", "hbone")}
         return want | self._workload_listeners()
 
@@ -270,7 +284,10 @@ class Agent:
             "inbound": self._on_inbound,
             "socks5": self._on_socks5,
         }[kind]
-        lst.server = await asyncio.start_server(handler, sock=sock, limit=256 * 1024)
+        # backlog: start_server re-listens on the socket; keep listen()'s deep queue.
+        lst.server = await asyncio.start_server(
+            handler, sock=sock, limit=256 * 1024, backlog=4096
+        )
 
     # ---- connection entry points ----
 

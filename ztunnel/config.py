@@ -23,7 +23,7 @@ class Settings:
     xds_address: str = ""
     ca_address: str = ""
     ca_dir: str = ""
-    capture: str = "none"  # none | ebpf
+    capture: str = "none"  # none | ebpf | tproxy
     outbound_port: int = 15001
     inbound_plaintext_port: int = 15006
     hbone_port: int = 15008
@@ -65,7 +65,9 @@ _SPEC: list[tuple[str, str, str, str]] = [
     ("xds_address", "--xds-address", "XDS_ADDRESS", "istiod xDS address (not supported yet)"),
     ("ca_address", "--ca-address", "CA_ADDRESS", "Istio CA address (not supported yet)"),
     ("ca_dir", "--ca-dir", "ZTUNNEL_CA_DIR", "act as our own CA with the cacerts in this directory"),
-    ("capture", "--capture", "ZTUNNEL_CAPTURE", "traffic capture: none (listen on each local workload IP) or ebpf"),
+    ("capture", "--capture", "ZTUNNEL_CAPTURE", "traffic capture: none (listen on each local workload IP), ebpf, or tproxy (the ebpf "
+     "listeners without BPF: the node's TPROXY rules are installed by someone else, e.g. the "
+     "benchmark)"),
     ("outbound_port", "--outbound-port", "ZTUNNEL_OUTBOUND_PORT", "outbound capture port"),
     ("inbound_plaintext_port", "--inbound-plaintext-port", "ZTUNNEL_INBOUND_PLAINTEXT_PORT", "inbound plaintext capture port"),
     ("hbone_port", "--hbone-port", "ZTUNNEL_HBONE_PORT", "inbound HBONE port, also dialed on peers"),
@@ -132,6 +134,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     defaults = Settings()
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     by_name = {f.name: f for f in fields(Settings)}
     for name, flag, env, _ in _SPEC:
         kind = type(getattr(defaults, name))
@@ -142,10 +145,22 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         if raw is None:
             continue
         values[name] = _convert(name, str(raw), kind, where)
+        origins[name] = where
     assert set(values) <= set(by_name)
     s = Settings(**values)
-    validate(s)
+    try:
+        validate(s)
+    except ConfigError as e:
+        # Name what the user set: the flag or environment variable the bad value came from.
+        raise ConfigError(origins.get(e.path, _describe_setting(e.path)), e.path, e.reason) from None
     return s
+
+
+def _describe_setting(name: str) -> str:
+    for field_name, flag, env, _ in _SPEC:
+        if field_name == name:
+            return f"{flag} (env {env})"
+    return "settings"
 
 
 def validate(s: Settings) -> None:
@@ -157,8 +172,8 @@ def validate(s: Settings) -> None:
     for name, port in ports.items():
         if not 0 <= port <= 65535:
             raise ConfigError("settings", name, f"port out of range: {port}")
-    if s.capture not in ("none", "ebpf"):
-        raise ConfigError("settings", "capture", f"must be none or ebpf, got {s.capture!r}")
+    if s.capture not in ("none", "ebpf", "tproxy"):
+        raise ConfigError("settings", "capture", f"must be none, ebpf or tproxy, got {s.capture!r}")
     if s.log_format not in ("text", "json"):
         raise ConfigError("settings", "log_format", f"must be text or json, got {s.log_format!r}")
     if s.event_loop not in ("uvloop", "asyncio"):

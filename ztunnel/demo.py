@@ -22,6 +22,7 @@ from ztunnel.testing import (
     EchoServer,
     SocksRefused,
     free_port,
+    free_ports,
     port_open,
     random_loopback_net,
     socks5_connect,
@@ -92,7 +93,7 @@ def mesh_config(net: str) -> dict[str, object]:
 def start_agent(
     node: str, workdir: Path, ca_dir: Path, cfg: Path, hbone_port: int, verbose: bool
 ) -> tuple[subprocess.Popen[bytes], int]:
-    socks = free_port()
+    socks, outbound, inbound = free_ports(3)
     env = dict(os.environ)
     cmd = [
         sys.executable,

@@ -113,8 +113,9 @@ def _gateway(ctx: _Ctx, value: Any, path: str) -> GatewayAddress | None:
         port = _port(ctx, value.get("hboneMtlsPort", HBONE_PORT), f"{path}.hboneMtlsPort")
         dest = value.get("destination", value.get("address", value.get("hostname")))
         if isinstance(dest, Mapping):
-            ns = _str(ctx, dest, "namespace", f"{path}.hostname")
-            host = _str(ctx, dest, "hostname", f"{path}.hostname")
+            key = next(k for k in ("destination", "address", "hostname") if k in value)
+            ns = _str(ctx, dest, "namespace", f"{path}.{key}")
+            host = _str(ctx, dest, "hostname", f"{path}.{key}")
             return GatewayAddress(NamespacedHostname(ns, host), port)
         if dest is None:
             raise ctx.fail(path, "needs 'destination' (an address or 'namespace/hostname')")
@@ -242,12 +243,17 @@ def _service(ctx: _Ctx, raw: Any, path: str) -> Service:
     )
 
 
-def parse_documents(docs: list[Any], source: str) -> MeshState:
-    """Turn parsed YAML documents into a MeshState; raises ConfigError naming the bad field."""
+def parse_documents(
+    docs: list[Any], source: str, doc_sources: list[str] | None = None
+) -> MeshState:
+    """Turn parsed YAML documents into a MeshState; raises ConfigError naming the bad field.
+    `doc_sources` names the file of each document when they come from several files."""
     from ztunnel.authz import parse_istio_resources, parse_local_policies, select_policies
 
     ctx = _Ctx(source)
     workloads: list[Workload] = []
+    # where each workload was defined: (file, field path), for duplicate errors
+    origins: list[tuple[str, str]] = []
     services: list[Service] = []
     policies: list[Any] = []
     istio_docs: list[tuple[str, Mapping[str, Any]]] = []
@@ -255,7 +261,8 @@ def parse_documents(docs: list[Any], source: str) -> MeshState:
     for d, doc in enumerate(docs):
         if doc is None:
             continue
-        prefix = f"document[{d}]" if len(docs) > 1 else ""
+        doc_source = doc_sources[d] if doc_sources else source
+        prefix = f"document[{d}]" if len(docs) > 1 and not doc_sources else ""
         obj = _mapping(ctx, doc, prefix or "<top>")
         if "kind" in obj and obj.get("kind") in ISTIO_KINDS:
             istio_docs.append((prefix or "<top>", obj))
@@ -270,6 +277,7 @@ def parse_documents(docs: list[Any], source: str) -> MeshState:
         dot = f"{prefix}." if prefix else ""
         for i, raw in enumerate(_list(ctx, obj.get("workloads"), f"{dot}workloads")):
             workloads.append(_workload(ctx, raw, f"{dot}workloads[{i}]"))
+            origins.append((doc_source, f"{dot}workloads[{i}]"))
         for i, raw in enumerate(_list(ctx, obj.get("services"), f"{dot}services")):
             services.append(_service(ctx, raw, f"{dot}services[{i}]"))
         policies.extend(
@@ -296,18 +304,27 @@ def parse_documents(docs: list[Any], source: str) -> MeshState:
     ]
     for warning in warnings:
         log.warning("%s", warning)
-    seen_uid: dict[str, str] = {}
-    seen_ip: dict[IPAddress, str] = {}
-    for w in workloads:
+    seen_uid: dict[str, int] = {}
+    seen_ip: dict[IPAddress, int] = {}
+    for n, w in enumerate(workloads):
+        file, path = origins[n]
         if w.uid in seen_uid:
-            raise ctx.fail(f"workload {w.name}", f"duplicate uid {w.uid!r}")
-        seen_uid[w.uid] = w.name
-        for ip in w.addresses:
+            first = workloads[seen_uid[w.uid]]
+            raise ConfigError(file, f"{path}.uid",
+                              f"duplicate uid {w.uid!r} (also workload {first.name!r})")
+        seen_uid[w.uid] = n
+        for k, ip in enumerate(w.addresses):
             if ip in seen_ip:
-                raise ctx.fail(
-                    f"workload {w.name}", f"address {ip} is already used by workload {seen_ip[ip]}"
+                other = seen_ip[ip]
+                ofile, opath = origins[other]
+                where = opath if ofile == file else f"{ofile}: {opath}"
+                raise ConfigError(
+                    file,
+                    f"{path}.workloadIps[{k}]",
+                    f"address {ip} of workload {w.name!r} is already used by workload "
+                    f"{workloads[other].name!r} ({where})",
                 )
-            seen_ip[ip] = w.name
+            seen_ip[ip] = n
     return MeshState.build(workloads, services, policies)
 
 
@@ -342,6 +359,7 @@ def load_mesh_state(path: str | Path) -> MeshState:
         # all documents together (a policy in one file may select workloads of another).
         for f in _files(p):
             parse_documents([d for d, s in zip(docs, sources, strict=True) if s == str(f)], str(f))
+        return parse_documents(docs, str(p), sources)
     return parse_documents(docs, str(p))
 
 

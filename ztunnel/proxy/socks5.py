@@ -62,7 +62,10 @@ def parse_request(head: bytes, rest: bytes) -> SocksRequest:
     elif atyp == ATYP_V6 and len(rest) == 18:
         host = str(ipaddress.IPv6Address(rest[:16]))
     elif atyp == ATYP_DOMAIN and len(rest) >= 3 and len(rest) == 1 + rest[0] + 2:
-        host = rest[1 : 1 + rest[0]].decode("idna")
+        try:
+            host = rest[1 : 1 + rest[0]].decode("idna")
+        except UnicodeError:
+            raise SocksError("host name is not valid IDNA", GENERAL_FAILURE) from None
     else:
         raise SocksError("address type not supported", ATYP_NOT_SUPPORTED)
     (port,) = struct.unpack("!H", rest[-2:])

@@ -1,0 +1,134 @@
+"""What a process costs, read from /proc: CPU time (utime + stime of all its threads) and
+resident memory; and the description of the machine a run was made on."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class ProcessGone(Exception):
+    """The process exited (or never existed) while it was being measured."""
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (all threads), in seconds; /proc/<pid>/stat fields 14 and 15."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError as e:
+        raise ProcessGone(f"process {pid}: {e.strerror}") from None
+    # The command name (field 2) may contain spaces; everything after its ')' is fixed.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of `pid` (VmRSS)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError as e:
+        raise ProcessGone(f"process {pid}: {e.strerror}") from None
+    raise ProcessGone(f"process {pid} has no VmRSS (a zombie?)")
+
+
+def thread_count(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class CpuWindow:
+    """CPU time of a set of named processes over a wall-clock interval."""
+
+    start_wall: float
+    start_cpu: dict[str, float]
+    pids: dict[str, int]
+
+    @classmethod
+    def open(cls, pids: Mapping[str, int]) -> CpuWindow:
+        return cls(time.monotonic(), {k: cpu_seconds(p) for k, p in pids.items()}, dict(pids))
+
+    def close(self) -> dict[str, float]:
+        """vCPU used by each process over the window (1.0 = one core busy all the time)."""
+        wall = max(time.monotonic() - self.start_wall, 1e-6)
+        return {k: round((cpu_seconds(p) - self.start_cpu[k]) / wall, 4)
+                for k, p in self.pids.items()}
+
+
+def rss_of(pids: Mapping[str, int]) -> dict[str, int]:
+    return {k: rss_bytes(p) for k, p in pids.items()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _version_of(argv: Iterable[str], prefix: str = "") -> str:
+    """The first line of a tool's version output (that starts with `prefix`)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    for line in (out.stdout + "\n" + out.stderr).splitlines():
+        if line.strip() and line.startswith(prefix):
+            return line.strip()
+    return "unknown"
+
+
+def machine() -> dict[str, object]:
+    """The machine and software a run was made on (goes into the JSON and the README)."""
+    try:
+        import uvloop
+
+        uvloop_version = uvloop.__version__
+    except ImportError:
+        uvloop_version = "not installed"
+    import ssl
+
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "memory_bytes": _mem_total(),
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "openssl": ssl.OPENSSL_VERSION,
+        "uvloop": uvloop_version,
+        "stunnel": _version_of(["stunnel", "-version"], "stunnel "),
+        "iperf3": _version_of(["iperf3", "--version"]),
+        "gcc": _version_of(["gcc", "--version"]),
+    }
