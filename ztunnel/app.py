@@ -174,7 +174,7 @@ class Agent:
         self.socks5 = Socks5Server(self.outbound, self._resolve_host)
         self.hbone = HboneServer(
             self.certs, self.contexts, s.trust_domain, self.local_identity,
-            self.inbound.handle_stream,
+            self.inbound.handle_stream, on_tls_failure=self.inbound.tls_failed,
         )
         self.store.subscribe(lambda old, new: self._sync_listeners())
         for cb in self._parts.on_state:
@@ -216,8 +216,19 @@ class Agent:
         )
 
     async def _prefetch(self, ident: SpiffeId) -> None:
-        with contextlib.suppress(ZtunnelError):
-            await self.certs.get(ident)
+        """Issue a local workload's certificate before the first connection needs it; retry
+        with backoff on failure (readiness reports it pending meanwhile)."""
+        failures = 0
+        while not self.draining:
+            try:
+                await self.certs.get(ident)
+                return
+            except ZtunnelError as e:
+                failures += 1
+                delay = self.certs.backoff(failures)
+                log.warning("certificate for %s not available (retry in %.1fs): %s",
+                            ident, delay, e)
+                await asyncio.sleep(delay)
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         task = asyncio.ensure_future(coro)

@@ -15,13 +15,34 @@ from ztunnel.errors import ProxyError, ZtunnelError
 from ztunnel.hbone.connection import HboneStream
 from ztunnel.hbone.headers import parse_authority
 from ztunnel.hbone.protocol import ConnectRequested
-from ztunnel.model import IPAddress, Workload
+from ztunnel.model import IPAddress, Service, Workload
+from ztunnel.state import MeshState
 from ztunnel.proxy.context import AuthzRequest, ProxyContext
 from ztunnel.proxy.records import ConnectionRecord
 from ztunnel.proxy.relay import TcpEnd, relay_stream, relay_tcp
 from ztunnel.proxy.sockets import connect_from
 
 log = logging.getLogger(__name__)
+
+
+def guess_service(state: MeshState, wl: Workload, port: int, forwarded: str) -> Service | None:
+    """The service an inbound connection was addressed to, for telemetry: the `host=` of the
+    Forwarded header when the source sent one, else the workload's only service whose target
+    port is this port (as Istio's ztunnel guesses it)."""
+    for part in forwarded.split(";"):
+        k, _, v = part.strip().partition("=")
+        if k.lower() == "host":
+            host = v.strip('"')
+            for key in wl.services:
+                svc = state.by_key.get(key)
+                if svc is not None and svc.hostname == host:
+                    return svc
+    matches = [
+        svc
+        for key, ports in wl.services.items()
+        if port in ports.values() and (svc := state.by_key.get(key)) is not None
+    ]
+    return matches[0] if len(matches) == 1 else None
 
 
 def forwarded_client(value: str) -> tuple[str, int] | None:
@@ -86,6 +107,9 @@ class InboundProxy:
             status, reason, flag = 503, f"port {target_port} is the agent's own", "NR"
         else:
             rec.dst_identity = wl.identity
+            rec.dst_service = guess_service(
+                ctx.store.current, wl, target_port, req.headers.get("forwarded", "")
+            )
             verdict = ctx.authorize(
                 AuthzRequest(
                     stream.peer_identity, ipaddress.ip_address(peer[0]), target_ip, target_port, wl
@@ -133,6 +157,7 @@ class InboundProxy:
             client.abort()
             return self._fail(rec, f"refusing a loop into the agent's own port {dst[1]}", "NR")
         rec.dst_identity = wl.identity
+        rec.dst_service = guess_service(ctx.store.current, wl, dst[1], "")
         verdict = ctx.authorize(AuthzRequest(None, src[0], dst[0], dst[1], wl))
         if not verdict.allowed:
             client.abort()
@@ -149,6 +174,13 @@ class InboundProxy:
             await relay_tcp(client, server, rec, ctx.tracker)
         finally:
             ctx.tracker.close(rec)
+
+    def tls_failed(self, peer: tuple[str, int], reason: str) -> None:
+        """An inbound HBONE handshake or peer check failed: count and log it."""
+        rec = ConnectionRecord(
+            "inbound", (str(peer[0]), int(peer[1])), ("0.0.0.0", 0), path="hbone"
+        )
+        self._fail(rec, f"TLS: {reason}", "TLS_FAILURE")
 
     def _fail(self, rec: ConnectionRecord, reason: str, flag: str) -> None:
         rec.error = reason
