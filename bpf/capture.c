@@ -31,9 +31,11 @@
  * filter of the same clsact hook (a primary CNI's program) run; captured packets end the
  * chain with TC_ACT_OK because a later redirect would undo the socket assignment.
  *
- * Configuration comes only from -D flags (see ztunnel/capture/bpf.py): CAPTURE_MARK,
- * HBONE_PORT, MAX_PODS, MAX_NODE_ADDRS, and PIN_DIR (a string; when set, every map is pinned
- * there, and reused if already pinned, so a restarted agent finds the live state).
+ * Configuration comes only from -D flags (CaptureConfig.cflags in ztunnel/capture/config.py):
+ * CAPTURE_MARK, HBONE_PORT, MAX_PODS, MAX_NODE_ADDRS, and PIN_DIR (a string; when set, every
+ * map is pinned there, and reused if already pinned, so a restarted agent finds the live
+ * state). The loader process (ztunnel/capture/loader.py) pins the two programs next to the
+ * maps, under their function names; the agent opens all of them from there.
  * IPv4 only: IPv6 packets are never captured.
  */
 #include <uapi/linux/bpf.h>
@@ -56,19 +58,20 @@
 #define MAX_NODE_ADDRS 64
 #endif
 
-/* Sockmap slots; keep in sync with ListenerSlot in ztunnel/capture/bpf.py. */
+/* Sockmap slots; keep in sync with ListenerSlot in ztunnel/capture/config.py. */
 #define SLOT_OUTBOUND 0
 #define SLOT_INBOUND 1
 #define SLOT_HBONE 2
 #define SLOT_COUNT 3
 
-/* Config array slots; keep in sync with ConfigSlot in ztunnel/capture/bpf.py. */
+/* Config array slots; keep in sync with CONFIG_FAIL_MODE in ztunnel/capture/objects.py. */
 #define CONFIG_FAIL_MODE 0
 #define CONFIG_COUNT 4
 #define FAIL_CLOSED 0
 #define FAIL_OPEN 1
 
-/* Value of the enrolled-pods map, keyed by the pod's IPv4 address (network byte order). */
+/* Value of the enrolled-pods map, keyed by the pod's IPv4 address (network byte order);
+ * keep in sync with MAP_LAYOUTS in ztunnel/capture/objects.py. */
 struct pod_info {
     u32 host_ifindex; /* node side of the pod's veth, for diagnostics */
     u32 flags;        /* reserved */

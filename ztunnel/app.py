@@ -51,6 +51,9 @@ log = logging.getLogger("ztunnel")
 # (the same mark and table as the eBPF capture) are installed by someone else, e.g. the
 # benchmark (`ztunnel.bench`), to compare the two capture paths.
 TRANSPARENT_CAPTURES = ("ebpf", "tproxy")
+# The local-delivery mark of tproxy mode: the eBPF capture's (capture.config.DEFAULT_MARK),
+# repeated so that tproxy mode never imports the capture package.
+TPROXY_LOCAL_MARK = 0x400
 
 
 @dataclass
@@ -190,10 +193,8 @@ class Agent:
         elif s.capture == "tproxy" and s.node_ip:
             # Same-node HBONE as with eBPF: dialed from the node address with the mark that
             # the installer's `ip rule` sends to local delivery.
-            from ztunnel.capture.config import DEFAULT_MARK  # pure module, no bcc
-
             self.ctx.node_ip = ipaddress.ip_address(s.node_ip)
-            self.ctx.local_dial_mark = DEFAULT_MARK
+            self.ctx.local_dial_mark = TPROXY_LOCAL_MARK
         self._sync_listeners()
         self._spawn(self._watch_file(), "mesh-state-watch")
         # Issue local workloads' certificates up front so the first connection is fast.

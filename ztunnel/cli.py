@@ -1,6 +1,6 @@
 """The `ztunnel` command: `run` (the node agent), `ca` (the built-in CA), `demo` (two agents
-on loopback), `ctl` (inspect a running agent). Exit codes: 0 ok, 1 runtime failure, 2 bad
-configuration or usage."""
+on loopback), `ctl` (inspect a running agent), `lab` (the namespace lab), `bench` (the
+benchmark suite). Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage."""
 
 from __future__ import annotations
 
@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     down = lab_sub.add_parser("down", help="remove labs (all, also leftovers of killed runs)")
     down.add_argument("--lab", default=None, help="only this lab id")
     lab.set_defaults(func=_lab)
+    # `ztunnel bench`: the benchmark suite (ztunnel.bench), registered by its own module.
+    from ztunnel.bench import command as bench_command
+
+    bench_command.add_parser(sub)
     return parser
 
 

@@ -1,8 +1,10 @@
 """Kernel capture for the agent (`--capture ebpf`): starts `ztunnel.capture.Capture` with the
 agent's transparent listeners and serves the enrolment API that attaches pods and enrols them.
 
-The capture layer blocks on syscalls and netlink, so every call runs on one dedicated thread
+The capture layer blocks on syscalls, netlink and (at start) the short-lived BPF loader
+process that compiles the programs, so every call runs on one dedicated thread
 (`EnrolmentService`'s executor); the agent's event loop never waits on the kernel directly.
+This process never imports bcc: it only opens the pinned programs and maps.
 """
 
 from __future__ import annotations

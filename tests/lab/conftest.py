@@ -131,7 +131,17 @@ def agent_main(config: dict[str, Any]) -> None:
             )
 
         threading.Thread(target=_serve, args=(sock, describe), daemon=True).start()
-    emit({"event": "ready", "pid": os.getpid(), "enrolled": _enrolled(capture)})
+    report = capture.load_report
+    assert report is not None
+    emit(
+        {
+            "event": "ready",
+            "pid": os.getpid(),
+            "enrolled": _enrolled(capture),
+            "program_ids": dict(report.program_ids),
+            "maps_reused": list(report.maps_reused),
+        }
+    )
 
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -148,6 +158,8 @@ def agent_main(config: dict[str, Any]) -> None:
                 emit({"ok": True, "enrolled": _enrolled(capture)})
             elif op == "enrolled":
                 emit({"ok": True, "enrolled": _enrolled(capture)})
+            elif op == "loaded":
+                emit({"ok": True, "bcc_imported": "bcc" in sys.modules})
             elif op == "dial":
                 emit(
                     {"ok": True, "answer": _spoofed_dial(cmd["src"], cmd["dst"], cmd["port"], "x")}

@@ -12,16 +12,24 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from ztunnel.capture import Capture, CaptureConfig, CaptureMaps, FailMode, PodEnrolment
-from ztunnel.capture.bpf import POD_PROGRAM, UPLINK_PROGRAM
+from ztunnel.capture import (
+    Capture,
+    CaptureConfig,
+    CaptureError,
+    CaptureMaps,
+    FailMode,
+    PodEnrolment,
+)
 from ztunnel.capture.config import DEFAULT_TC_HANDLE
 from ztunnel.capture.netlink import Netlink
-from ztunnel.lab import topology
+from ztunnel.capture.objects import MAP_NAMES, POD_PROGRAM, PROGRAM_NAMES, UPLINK_PROGRAM
+from ztunnel.lab import runner, topology
 from ztunnel.lab.topology import call_in_netns
 
 if TYPE_CHECKING:
@@ -370,7 +378,7 @@ def test_teardown_leaves_no_namespace_pin_or_state(make_lab: Callable[[int, int]
     agent = own.start_agent("n0")
     enrol(own, agent, "n0p0")
     pinned = sorted(os.listdir(topo.node("n0").pin_dir))
-    assert pinned == sorted(["enrolled_pods", "node_addrs", "capture_config", "listeners"])
+    assert pinned == sorted([*MAP_NAMES, *PROGRAM_NAMES])
     assert topology.load(topo.lab_id) == topo
     assert len(lab_leftovers(topo.prefix)) > 1
 
@@ -379,3 +387,143 @@ def test_teardown_leaves_no_namespace_pin_or_state(make_lab: Callable[[int, int]
     assert lab_leftovers(topo.prefix) == []
     assert topo.lab_id not in topology.list_labs()
     assert agent.proc.wait(timeout=10) != 0
+
+
+# --- the loader process and the agent's memory ---------------------------------------------
+
+BCC_LIBRARY_PREFIXES = ("libbcc", "libllvm", "libclang")
+# An idle agent is ~50 MB; `import bcc` alone adds ~60 MB and compiling ~110 MB more. The
+# bound catches bcc coming back into the agent without being sensitive to small changes.
+AGENT_RSS_LIMIT_KB = 100 * 1024
+
+
+def bcc_libraries(pid: int) -> list[str]:
+    """Shared libraries of bcc (libbcc and the LLVM/clang it links) mapped in a process."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            path = fields[5] if len(fields) > 5 else ""
+            if os.path.basename(path).lower().startswith(BCC_LIBRARY_PREFIXES):
+                found.add(path)
+    return sorted(found)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def filter_prog_ids(netns: str, ifname: str) -> set[int]:
+    """Kernel ids of the bpf programs that the ingress filters of an interface run."""
+    out = subprocess.run(
+        ["tc", "-n", netns, "filter", "show", "dev", ifname, "ingress"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    words = out.split()
+    return {int(words[i + 1]) for i, word in enumerate(words[:-1]) if word == "id"}
+
+
+def test_stand_in_agent_never_imports_bcc(lab: Lab) -> None:
+    agent = lab.start_agent("n0")
+    enrol(lab, agent, "n0p0")
+    assert agent.request(op="loaded")["bcc_imported"] is False
+    assert bcc_libraries(agent.pid) == []
+    # The loader process did the compiling and pinned the programs next to the maps.
+    pin_dir = lab.topology.node("n0").pin_dir
+    assert set(agent.ready["program_ids"]) == set(PROGRAM_NAMES)
+    assert {name for name in PROGRAM_NAMES if (pin_dir / name).exists()} == set(PROGRAM_NAMES)
+
+
+def test_real_agent_has_no_bcc_and_a_small_footprint() -> None:
+    """`ztunnel run --capture ebpf`, as `lab up` starts it: captures, but maps no bcc/LLVM."""
+    t = runner.up(nodes=1, pods=1)
+    try:
+        node = t.node("n0")
+        pid = int((runner.lab_dir(t.lab_id) / node.name / "agent.pid").read_text())
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3:6] == [
+            b"run",
+            b"--capture",
+            b"ebpf",
+        ]
+        assert bcc_libraries(pid) == []
+        assert rss_kb(pid) < AGENT_RSS_LIMIT_KB, f"agent RSS {rss_kb(pid)} kB"
+        with CaptureMaps.open_pinned(node.pin_dir) as maps:  # and it did capture
+            assert set(maps.enrolled()) == {t.pod("n0p0").ip}
+        assert filter_prog_ids(node.netns, node.uplink_ifname)
+    finally:
+        runner.down(t.lab_id)
+
+
+def test_restart_replaces_pinned_programs_and_reattaches_them(lab: Lab) -> None:
+    node = lab.topology.node("n0")
+    first = lab.start_agent("n0")
+    lab.app("n1p0")
+    enrol(lab, first, "n0p0")
+    old_ids = first.ready["program_ids"]
+    assert filter_prog_ids(node.netns, "vpod0") == {old_ids[POD_PROGRAM]}
+    assert filter_prog_ids(node.netns, node.uplink_ifname) == {old_ids[UPLINK_PROGRAM]}
+    first.kill()
+
+    second = lab.start_agent("n0")
+    new_ids = second.ready["program_ids"]
+    assert sorted(second.ready["maps_reused"]) == sorted(MAP_NAMES)  # the live state
+    assert second.ready["enrolled"] == [ip_of(lab, "n0p0")]
+    assert set(new_ids.values()).isdisjoint(old_ids.values())  # freshly loaded programs
+    for ifname in ("vpod0", "vpod1"):
+        assert filter_prog_ids(node.netns, ifname) == {new_ids[POD_PROGRAM]}
+    assert filter_prog_ids(node.netns, node.uplink_ifname) == {new_ids[UPLINK_PROGRAM]}
+    # The pins now name the new programs, and nothing temporary is left in the pin dir.
+    assert sorted(os.listdir(node.pin_dir)) == sorted([*MAP_NAMES, *PROGRAM_NAMES])
+    answer = lab.ask("n0p0", ip_of(lab, "n1p0"))
+    assert (answer["who"], answer["pid"]) == ("agent", second.pid)
+
+
+BROKEN_PROGRAM = """
+#include <uapi/linux/bpf.h>
+int capture_pod(struct __sk_buff *skb) { return undeclared_identifier_xyz; }
+"""
+
+
+def start_capture(config: CaptureConfig) -> None:
+    with Capture(config) as capture:
+        capture.start({})
+
+
+def test_loader_errors_reach_the_caller_with_the_loaders_message(
+    make_lab: Callable[[int, int], Lab], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = make_lab(1, 1).topology.node("n0")  # a pin dir on the lab's bpffs
+    base = CaptureConfig(node_addresses=(node.ip,), pin_dir=node.pin_dir, netns=node.netns)
+
+    # A compile error: the compiler's own message, with the line, comes along.
+    source = tmp_path / "broken.c"
+    source.write_text(BROKEN_PROGRAM)
+    with pytest.raises(CaptureError) as info:
+        start_capture(replace(base, bpf_source=source))
+    message = str(info.value)
+    assert message.startswith(f"BPF loader: compiling {source} failed"), message
+    assert "undeclared_identifier_xyz" in info.value.log, message
+
+    # A pin directory that is not on a bpffs.
+    not_bpffs = tmp_path / "pins"
+    with pytest.raises(CaptureError) as info:
+        start_capture(replace(base, pin_dir=not_bpffs))
+    assert "is not on a bpffs" in str(info.value)
+    assert not not_bpffs.exists()
+
+    # No kernel headers where bcc looks for them.
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", str(tmp_path / "no-headers"))
+    with pytest.raises(CaptureError) as info:
+        start_capture(base)
+    assert "Unable to find kernel headers" in info.value.log, str(info.value)
+
+    # A missing source file, and nothing was pinned by any of the failed loads.
+    monkeypatch.delenv("BCC_KERNEL_SOURCE")
+    with pytest.raises(CaptureError, match="not found"):
+        start_capture(replace(base, bpf_source=tmp_path / "x.c"))
+    assert os.listdir(node.pin_dir) == []

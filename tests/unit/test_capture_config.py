@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ztunnel.capture import loader
 from ztunnel.capture.config import (
     DEFAULT_BPF_SOURCE,
     CaptureConfig,
@@ -157,3 +162,59 @@ def test_capture_error_carries_errno_and_is_a_ztunnel_error() -> None:
     assert err.errno == 19
     assert str(err) == "attaching filter: ENODEV (No such device)"
     assert str(CaptureError("plain")) == "plain"
+
+
+def test_config_survives_the_trip_to_the_loader_as_json() -> None:
+    cfg = config(
+        pin_dir=Path("/sys/fs/bpf/zt1a2b3c-n0"),
+        netns="zt1a2b3c-n0",
+        fail_mode=FailMode.OPEN,
+        mark=0x800,
+        max_pods=16,
+    )
+    assert CaptureConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    assert CaptureConfig.from_json(config().to_json()) == config()  # pin_dir None
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"node_addresses": ["10.77.0.1"], "colour": "red"}, "colour"),
+        ({"node_addresses": "10.77.0.1"}, "node_addresses"),
+        ({"node_addresses": ["not-an-ip"]}, "node_addresses"),
+        ({"node_addresses": ["fd00::1"]}, "node_addresses[0]"),
+        ({"node_addresses": [], "pin_dir": 7}, "pin_dir"),
+        ({"node_addresses": [], "bpf_source": None}, "bpf_source"),
+        ({"node_addresses": [], "fail_mode": "sometimes"}, "fail_mode"),
+        ({"node_addresses": [], "netns": 3}, "netns"),
+        ({"node_addresses": [], "mark": "0x400"}, "mark"),
+    ],
+)
+def test_config_from_json_names_the_bad_field(data: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        CaptureConfig.from_json(data)
+    assert info.value.path == field
+
+
+def test_loader_answers_a_bad_request_with_an_error_line() -> None:
+    out = io.StringIO()
+    assert loader._serve(io.StringIO('{"config": {"mark": 1}}'), out) == 1
+    answer = json.loads(out.getvalue())
+    assert answer["ok"] is False and "node_addresses" in answer["error"]
+    out = io.StringIO()
+    assert loader._serve(io.StringIO("not json"), out) == 1
+    assert json.loads(out.getvalue())["ok"] is False
+
+
+def test_the_agent_side_of_capture_does_not_import_bcc() -> None:
+    # bcc loads libbcc and LLVM (~60 MB at import, ~170 MB after compiling): only the
+    # short-lived loader process may import it. A fresh interpreter, since this one may
+    # have imported bcc for other tests.
+    probe = (
+        "import sys, ztunnel.capture, ztunnel.capture.loader, ztunnel.kernel_capture\n"
+        "print(sorted(m for m in sys.modules if m == 'bcc' or m.startswith('bcc.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"

@@ -21,21 +21,22 @@ from pathlib import Path
 
 import yaml
 
+from ztunnel.app import TPROXY_LOCAL_MARK
+from ztunnel.bench import tools
+from ztunnel.bench.tools import BenchError, LoadGen, Processes, StunnelService
 from ztunnel.ca import CertificateAuthority, write_workload_files
-from ztunnel.capture.config import DEFAULT_MARK, DEFAULT_ROUTE_TABLE
 from ztunnel.identity import SpiffeId
 from ztunnel.lab import runner
 from ztunnel.lab import topology as topo
 from ztunnel.lab.topology import NodeSpec, PodSpec, Topology
-
-from ztunnel.bench import tools
-from ztunnel.bench.tools import BenchError, LoadGen, Processes, StunnelService
 
 RR_PORT = 7000
 IPERF_PORT = 5201
 # stunnel: client side accepts on node 0 (per service), server side on node 1.
 STUNNEL_ACCEPT = {"rr": 4444, "iperf": 4443}
 STUNNEL_PEER = {"rr": 4434, "iperf": 4433}
+# The tproxy lab's local-delivery route table (the lab has no eBPF capture to share it with).
+TPROXY_ROUTE_TABLE = 100
 
 # Per-namespace settings for load: a wide ephemeral port range and TIME_WAIT reuse (the
 # connection-rate tests open tens of thousands of connections), deeper SYN queues.
@@ -107,10 +108,10 @@ def _install_tproxy(lab: BenchLab, node: NodeSpec) -> None:
         pod_ips=[str(p.ip) for p in node.pods],
         node_ips=[str(node.ip)],
         uplink=node.uplink_ifname,
-        mark=DEFAULT_MARK,
+        mark=TPROXY_LOCAL_MARK,
     )
     tools.install_tproxy(node.netns, ruleset, lab.workdir / f"tproxy-{node.name}.nft",
-                         DEFAULT_MARK, DEFAULT_ROUTE_TABLE)
+                         TPROXY_LOCAL_MARK, TPROXY_ROUTE_TABLE)
 
 
 def _start_servers(lab: BenchLab, loadgen: LoadGen) -> None:

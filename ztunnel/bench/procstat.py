@@ -51,6 +51,15 @@ def thread_count(pid: int) -> int:
     return 0
 
 
+def _system_ticks() -> tuple[int, int]:
+    """(busy, steal) jiffies of the whole machine since boot (/proc/stat, first line)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    steal = fields[7] if len(fields) > 7 else 0
+    # guest time is already counted in user time; steal is time the hypervisor took.
+    return sum(fields[:8]) - idle - steal, steal
+
+
 @dataclass
 class CpuWindow:
     """CPU time of a set of named processes over a wall-clock interval."""
@@ -58,10 +67,21 @@ class CpuWindow:
     start_wall: float
     start_cpu: dict[str, float]
     pids: dict[str, int]
+    start_system: tuple[int, int] = (0, 0)
 
     @classmethod
     def open(cls, pids: Mapping[str, int]) -> CpuWindow:
-        return cls(time.monotonic(), {k: cpu_seconds(p) for k, p in pids.items()}, dict(pids))
+        return cls(time.monotonic(), {k: cpu_seconds(p) for k, p in pids.items()}, dict(pids),
+                   _system_ticks())
+
+    def machine(self) -> dict[str, float]:
+        """The whole machine over the window: busy vCPU (everything: our processes, the
+        clients and servers, the kernel, anything else running) and vCPU stolen by the
+        hypervisor. Call before `close`."""
+        wall = max(time.monotonic() - self.start_wall, 1e-6)
+        busy, steal = _system_ticks()
+        return {"busy_vcpu": round((busy - self.start_system[0]) / CLK_TCK / wall, 3),
+                "steal_vcpu": round((steal - self.start_system[1]) / CLK_TCK / wall, 3)}
 
     def close(self) -> dict[str, float]:
         """vCPU used by each process over the window (1.0 = one core busy all the time)."""
@@ -113,7 +133,7 @@ def machine() -> dict[str, object]:
     try:
         import uvloop
 
-        uvloop_version = uvloop.__version__
+        uvloop_version = str(getattr(uvloop, "__version__", "unknown"))
     except ImportError:
         uvloop_version = "not installed"
     import ssl

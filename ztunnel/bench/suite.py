@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ztunnel.bench import labs, procstat, tools
+from ztunnel.bench import labs, procstat, profile, tools
 from ztunnel.bench.labs import BenchLab
 from ztunnel.bench.tools import BenchError, LoadGen
 from ztunnel.lab import runner
@@ -80,6 +80,7 @@ class Plan:
     cps_conns: int = 16  # concurrent connect-request-close workers
     memory_conns: int = 10_000
     memory_scenarios: tuple[str, ...] = ("mesh", "stunnel")
+    profile: bool = False  # py-spy the agents of the mesh scenario (ztunnel.bench.profile)
     quick: bool = False
 
     @classmethod
@@ -102,6 +103,7 @@ class Run:
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)
     verified: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
 
     # ---- what a scenario talks to ----
 
@@ -145,10 +147,39 @@ class Run:
                                       rate=p.fixed_rate)
             else:
                 res = self.loadgen.cps(client, ip, port, p.cps_conns, p.load_seconds)
+            done = res.get("requests", res.get("connections", 0))
+            if not done:
+                raise BenchError(f"{what}: no request completed in {p.load_seconds}s "
+                                 f"({res.get('errors', 0)} failed)")
             if res.get("errors"):
                 res["warning"] = f"{res['errors']} failed requests/connections"
+        res["machine"] = window.machine()
         res["cpu_vcpu"] = window.close()
         return res
+
+    def build_lab(self, key: str) -> None:
+        assert self.loadgen is not None
+        capture, loop = LABS[key]
+        self.labs[key] = labs.build(key, capture, loop, self.loadgen, self.progress,
+                                    self.out_dir / "logs")
+
+    def recover(self, sc: Scenario, why: str) -> None:
+        """After a failed measurement through the mesh, the lab is rebuilt (fresh agents) so
+        that one failure does not spoil the figures that follow; the failure stays recorded.
+        """
+        old = self.labs.pop(sc.lab)
+        try:
+            old.save_logs(self.out_dir / "logs" / f"recovered-{old.topology.lab_id}")
+        finally:
+            old.close()
+        self.recoveries.append({"scenario": sc.name, "lab": sc.lab,
+                                "old_lab_id": old.topology.lab_id, "after": why})
+        self.progress(f"  rebuilding lab {sc.lab} after the failure (agent logs kept in "
+                      f"{self.out_dir / 'logs'})")
+        self.build_lab(sc.lab)
+        for other in SCENARIOS.values():
+            if other.lab == sc.lab and other.name in self.plan.scenarios:
+                self.warm_up(other)
 
     def warm_up(self, sc: Scenario) -> None:
         """One short exchange (certificates, pooled HBONE connection, stunnel session)."""
@@ -188,13 +219,14 @@ class Run:
         procs = self.processes(sc)
         time.sleep(0.5)
         before = procstat.rss_of(procs)
-        argv = topo.netns_exec_argv(lab.client().netns,
-                                    self.loadgen.hold_argv(ip, port, p.memory_conns, 120))
+        setup = 20.0 + p.memory_conns / 250
+        argv = topo.netns_exec_argv(
+            lab.client().netns, self.loadgen.hold_argv(ip, port, p.memory_conns, 120, setup))
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
         lines = _LineReader(proc)
         try:
-            opened = lines.next_json(150.0)
+            opened = lines.next_json(setup + 10)
             time.sleep(1.0)  # let the agents settle (buffers, tasks) before reading RSS
             during = procstat.rss_of(procs)
             threads = {k: procstat.thread_count(v) for k, v in procs.items()}
@@ -227,15 +259,12 @@ class Run:
 
     def execute(self) -> None:
         p = self.plan
-        tools.require_tools()
+        tools.ensure_tools(self.progress)
         tools.raise_nofile(max(65536, 4 * p.memory_conns))
         self.loadgen = LoadGen(tools.build_loadgen(self.out_dir / "build"))
         scenarios = [SCENARIOS[n] for n in p.scenarios]
-        needed = list(dict.fromkeys(sc.lab for sc in scenarios))
-        for key in needed:
-            capture, loop = LABS[key]
-            self.labs[key] = labs.build(key, capture, loop, self.loadgen, self.progress,
-                                        self.out_dir / "logs")
+        for key in dict.fromkeys(sc.lab for sc in scenarios):
+            self.build_lab(key)
         for sc in scenarios:
             self.warm_up(sc)
             self.verify_mesh(sc)
@@ -255,13 +284,15 @@ class Run:
                         self.errors.append(f"rep {rep} {sc.name} {what}: {e}")
                         self.progress(f"  ERROR {sc.name} {what}: {e}")
                         res = {"error": str(e)}
+                        if sc.via == "mesh":
+                            self.recover(sc, f"rep {rep} {what}: {e}")
                     self.raw.setdefault(sc.name, {}).setdefault(what, []).append(res)
                     figures.append(_short(what, res))
                 self.progress(f"[rep {rep}/{p.reps}] {sc.name:<13} " + "  ".join(figures))
         for name in p.memory_scenarios:
-            sc = SCENARIOS.get(name)
-            if sc is None or sc.lab not in self.labs:
+            if name not in SCENARIOS or SCENARIOS[name].lab not in self.labs:
                 continue
+            sc = SCENARIOS[name]
             self.progress(f"memory: {p.memory_conns} idle connections through {name}")
             try:
                 self.memory[name] = self.memory_test(sc)
@@ -269,6 +300,44 @@ class Run:
                     subprocess.TimeoutExpired) as e:
                 self.errors.append(f"memory {name}: {e}")
                 self.progress(f"  ERROR memory {name}: {e}")
+        if p.profile:
+            meshes = [n for n in ("mesh", "tproxy", "mesh-asyncio") if n in p.scenarios]
+            try:
+                if meshes:
+                    self.profile_agents(meshes[0])
+            except (BenchError, OSError) as e:
+                self.errors.append(f"profile: {e}")
+                self.progress(f"  ERROR profile: {e}")
+
+    def profile_agents(self, name: str = "mesh") -> None:
+        """Runs bulk, max-rate and new-connection load once more with py-spy sampling the
+        agents; keeps the collapsed stacks and the top functions."""
+        sc = SCENARIOS[name]
+        if sc.lab not in self.labs:
+            return
+        profiles: dict[str, Any] = {}
+        for what in ("bulk1", "rr_max", "cps"):
+            seconds = self.plan.bulk_seconds if what == "bulk1" else self.plan.load_seconds
+            spies = {}
+            for proc, pid in self.processes(sc).items():
+                out = self.out_dir / "profiles" / f"{name}-{what}-{proc}.txt"
+                spies[proc] = (profile.start(pid, seconds, out), out)
+            try:
+                res = self.measure(sc, what)
+            finally:
+                for spy, _ in spies.values():
+                    try:
+                        spy.wait(seconds + 30)
+                    except subprocess.TimeoutExpired:
+                        spy.kill()
+                        spy.wait(5)
+            entry: dict[str, Any] = {"figure": _short(what, res)}
+            for proc, (_, out) in spies.items():
+                entry[proc] = profile.summarise(out) if out.exists() else {"samples": 0}
+                entry[proc]["raw"] = str(out)
+            profiles[what] = entry
+            self.progress(f"profiled {name} {what}: {entry['figure']}")
+        self.extra["profiles"] = {name: profiles}
 
     def close(self, keep_logs: bool) -> None:
         """Tears every lab down (also after a failure); optionally keeps the agents' logs."""
@@ -289,60 +358,7 @@ class Run:
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Median of each figure over the repetitions, per scenario."""
-        out: dict[str, dict[str, Any]] = {}
-        for name, by in self.raw.items():
-            s: dict[str, Any] = {}
-
-            def vals(what: str, *path: str) -> list[float]:
-                got = []
-                for r in by.get(what, []):
-                    v: Any = r
-                    for k in path:
-                        v = v.get(k) if isinstance(v, dict) else None
-                    if isinstance(v, int | float):
-                        got.append(float(v))
-                return got
-
-            def med(what: str, *path: str) -> float | None:
-                v = vals(what, *path)
-                return round(statistics.median(v), 3) if v else None
-
-            s["bulk1_gbps"] = med("bulk1", "gbps")
-            s["bulk8_gbps"] = med("bulk8", "gbps")
-            s["rr_max_rps"] = med("rr_max", "rps")
-            s["rr_max_p50_us"] = med("rr_max", "latency_us", "p50")
-            s["fixed_rate_rps"] = med("rr_fixed", "rps")
-            for q in ("p50", "p90", "p99"):
-                s[f"lat_{q}_us"] = med("rr_fixed", "latency_us", q)
-            s["cps"] = med("cps", "cps")
-            s["cps_p50_us"] = med("cps", "latency_us", "p50")
-            procs = sorted({k for r in by.get("rr_fixed", []) for k in r.get("cpu_vcpu", {})})
-            cpu: dict[str, dict[str, float | None]] = {}
-            for proc in procs:
-                per_k = [r["cpu_vcpu"][proc] / (r["rps"] / 1000.0)
-                         for r in by.get("rr_fixed", [])
-                         if proc in r.get("cpu_vcpu", {}) and r.get("rps")]
-                per_k_max = [r["cpu_vcpu"][proc] / (r["rps"] / 1000.0)
-                             for r in by.get("rr_max", [])
-                             if proc in r.get("cpu_vcpu", {}) and r.get("rps")]
-                per_conn = [r["cpu_vcpu"][proc] / (r["cps"] / 1000.0)
-                            for r in by.get("cps", [])
-                            if proc in r.get("cpu_vcpu", {}) and r.get("cps")]
-                per_gbit = [r["cpu_vcpu"][proc] / r["gbps"] for r in by.get("bulk1", [])
-                            if proc in r.get("cpu_vcpu", {}) and r.get("gbps")]
-                cpu[proc] = {
-                    "vcpu_per_1k_rps_fixed": _median(per_k),
-                    "vcpu_per_1k_rps_max": _median(per_k_max),
-                    "vcpu_per_1k_cps": _median(per_conn),
-                    "vcpu_per_gbps_bulk1": _median(per_gbit),
-                    "vcpu_at_fixed_rate": med("rr_fixed", "cpu_vcpu", proc),
-                    "vcpu_at_rr_max": med("rr_max", "cpu_vcpu", proc),
-                    "vcpu_at_bulk1": med("bulk1", "cpu_vcpu", proc),
-                    "vcpu_at_cps": med("cps", "cpu_vcpu", proc),
-                }
-            s["cpu"] = cpu
-            out[name] = s
-        return out
+        return {name: _summarise(by) for name, by in self.raw.items()}
 
     def ratios(self, summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Each scenario against direct (same placement) and against stunnel (cross node)."""
@@ -437,9 +453,53 @@ class Run:
             "mesh_verified": self.verified,
             "targets": self.targets(summary, ratios),
             "errors": self.errors,
+            "recoveries": self.recoveries,
             "raw": self.raw,
             **self.extra,
         }
+
+
+def _summarise(by: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """One scenario's medians (failed repetitions are left out)."""
+
+    def med(what: str, *path: str) -> float | None:
+        got = []
+        for r in by.get(what, []):
+            v: Any = r
+            for k in path:
+                v = v.get(k) if isinstance(v, dict) else None
+            if isinstance(v, int | float):
+                got.append(float(v))
+        return round(statistics.median(got), 3) if got else None
+
+    def per(what: str, proc: str, unit: str, scale: float) -> float | None:
+        """Median over repetitions of (vCPU of `proc`) / (figure `unit` / scale)."""
+        return _median([r["cpu_vcpu"][proc] / (r[unit] / scale) for r in by.get(what, [])
+                        if proc in r.get("cpu_vcpu", {}) and r.get(unit)])
+
+    s: dict[str, Any] = {
+        "bulk1_gbps": med("bulk1", "gbps"),
+        "bulk8_gbps": med("bulk8", "gbps"),
+        "rr_max_rps": med("rr_max", "rps"),
+        "rr_max_p50_us": med("rr_max", "latency_us", "p50"),
+        "fixed_rate_rps": med("rr_fixed", "rps"),
+        **{f"lat_{q}_us": med("rr_fixed", "latency_us", q) for q in ("p50", "p90", "p99")},
+        "cps": med("cps", "cps"),
+        "cps_p50_us": med("cps", "latency_us", "p50"),
+    }
+    procs = sorted({k for rs in by.values() for r in rs for k in r.get("cpu_vcpu", {})})
+    s["cpu"] = {proc: {
+        "vcpu_per_1k_rps_fixed": per("rr_fixed", proc, "rps", 1000.0),
+        "vcpu_per_1k_rps_max": per("rr_max", proc, "rps", 1000.0),
+        "vcpu_per_1k_cps": per("cps", proc, "cps", 1000.0),
+        "vcpu_per_gbps_bulk1": per("bulk1", proc, "gbps", 1.0),
+        "vcpu_at_fixed_rate": med("rr_fixed", "cpu_vcpu", proc),
+        "vcpu_at_rr_max": med("rr_max", "cpu_vcpu", proc),
+        "vcpu_at_bulk1": med("bulk1", "cpu_vcpu", proc),
+        "vcpu_at_bulk8": med("bulk8", "cpu_vcpu", proc),
+        "vcpu_at_cps": med("cps", "cpu_vcpu", proc),
+    } for proc in procs}
+    return s
 
 
 def _median(v: list[float]) -> float | None:

@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,23 +23,39 @@ from ztunnel.lab import topology as topo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOADGEN_SOURCE = REPO_ROOT / "bench" / "loadgen.c"
-# Client processes get this long beyond their own duration before they are killed.
-CLIENT_SLACK = 30.0
+# Client processes get this long beyond their own duration before they are killed (iperf3
+# ends within a second of its -t; a tunnel that stalls must not cost much of a run).
+CLIENT_SLACK = 10.0
+IPERF3_SLACK = 6.0
 
 
 class BenchError(ZtunnelError):
     """A benchmark step failed (a tool missing, a client that errored, a lab that broke)."""
 
 
-def require_tools() -> None:
-    """Every external program a run needs; names the package that provides a missing one."""
-    need = {"gcc": "gcc", "iperf3": "iperf3", "stunnel": "stunnel4", "nft": "nftables",
-            "ip": "iproute2"}
-    missing = [f"{tool} (Debian package {pkg})" for tool, pkg in need.items()
-               if shutil.which(tool) is None]
+_TOOLS = {"gcc": "gcc", "iperf3": "iperf3", "stunnel": "stunnel4", "nft": "nftables",
+          "ip": "iproute2"}
+
+
+def ensure_tools(progress: Callable[[str], None]) -> None:
+    """Makes sure every external program of a run is there: like `scripts/setup.sh`, a run does
+    its own set-up and installs missing Debian packages (idempotent); raises if it cannot."""
+    missing = {tool: pkg for tool, pkg in _TOOLS.items() if shutil.which(tool) is None}
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        pkgs = sorted(set(missing.values()))
+        progress(f"installing Debian packages: {' '.join(pkgs)}")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-qq", *pkgs]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            if subprocess.run(install, capture_output=True, env=env, timeout=600,
+                              check=False).returncode != 0:
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env,
+                               timeout=600, check=False)
+                subprocess.run(install, capture_output=True, env=env, timeout=600, check=False)
+        missing = {tool: pkg for tool, pkg in missing.items() if shutil.which(tool) is None}
     if missing:
-        raise BenchError("missing tools: " + ", ".join(missing)
-                         + "; `bench/run.sh` installs them, or apt-get install them")
+        raise BenchError("missing tools: " + ", ".join(
+            f"{tool} (Debian package {pkg})" for tool, pkg in missing.items()))
 
 
 def build_loadgen(build_dir: Path) -> Path:
@@ -159,15 +175,15 @@ class LoadGen:
         return run_json(netns, self._client("cps", ip, port, conns, ["--duration", str(duration)]),
                         duration + CLIENT_SLACK)
 
-    def hold_argv(self, ip: str, port: int, conns: int, hold: float) -> list[str]:
-        return self._client("hold", ip, port, conns, ["--hold", str(hold)])
+    def hold_argv(self, ip: str, port: int, conns: int, hold: float, setup: float) -> list[str]:
+        return self._client("hold", ip, port, conns, ["--hold", str(hold), "--setup", str(setup)])
 
 
 def iperf3(netns: str, ip: str, port: int, seconds: int, parallel: int) -> dict[str, Any]:
     """Bulk throughput client -> server; Gbit/s received by the server, and retransmits."""
     argv = ["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-P", str(parallel), "-J",
             "--connect-timeout", "5000"]
-    data = run_json(netns, argv, seconds + CLIENT_SLACK)
+    data = run_json(netns, argv, seconds + IPERF3_SLACK)
     end = data.get("end", {})
     try:
         bps = float(end["sum_received"]["bits_per_second"])
@@ -238,16 +254,20 @@ def tproxy_ruleset(table: str, pod_ifnames: Sequence[str], pod_ips: Sequence[str
     ifs = ", ".join(f'"{i}"' for i in pod_ifnames)
     pods = ", ".join(pod_ips)
     nodes = ", ".join(node_ips)
-    return f"""table ip {table} {{
-    chain prerouting {{
-        type filter hook prerouting priority mangle; policy accept;
-        meta l4proto tcp socket transparent 1 meta mark set {mark:#x} accept
-        iifname {{ {ifs} }} meta l4proto tcp ip daddr != {{ {nodes} }} tproxy to :{outbound} meta mark set {mark:#x} accept
-        iifname "{uplink}" ip daddr {{ {pods} }} tcp dport {hbone} tproxy to :{hbone} meta mark set {mark:#x} accept
-        iifname "{uplink}" ip daddr {{ {pods} }} meta l4proto tcp tproxy to :{inbound} meta mark set {mark:#x} accept
-    }}
-}}
-"""
+    to_local = f"meta mark set {mark:#x} accept"
+    rules = [
+        f"meta l4proto tcp socket transparent 1 {to_local}",
+        f"iifname {{ {ifs} }} meta l4proto tcp ip daddr != {{ {nodes} }} "
+        f"tproxy to :{outbound} {to_local}",
+        f'iifname "{uplink}" ip daddr {{ {pods} }} tcp dport {hbone} '
+        f"tproxy to :{hbone} {to_local}",
+        f'iifname "{uplink}" ip daddr {{ {pods} }} meta l4proto tcp '
+        f"tproxy to :{inbound} {to_local}",
+    ]
+    body = "\n".join(f"        {r}" for r in rules)
+    return (f"table ip {table} {{\n    chain prerouting {{\n"
+            f"        type filter hook prerouting priority mangle; policy accept;\n"
+            f"{body}\n    }}\n}}\n")
 
 
 def install_tproxy(netns: str, ruleset: str, rules_file: Path, mark: int, table: int) -> None:

@@ -23,16 +23,25 @@ captured, so nothing of an enrolled pod leaves in plaintext and nothing reaches 
 the agent; FailMode.OPEN lets such connections through untouched. Established connections
 that were never captured (older than the enrolment) keep working either way.
 
-Restart: maps are pinned in `CaptureConfig.pin_dir` (on a bpffs). A new agent process
-constructs `Capture` with the same pin dir and calls `start()`: bcc reuses the pinned maps,
-the new programs replace ours on the uplink and on every pod interface that has them, and
-the new listener fds go into the sockmap. Enrolled pods stay enrolled throughout; the old
+Loading: bcc (with LLVM) never enters the agent process. `start()` runs the short-lived
+loader process (`python -m ztunnel.capture load`, see `loader`), which compiles the programs,
+pins programs and maps in `CaptureConfig.pin_dir` (on a bpffs) and exits; the agent then
+opens the pinned objects with the raw bpf() syscall (`syscalls`), fills the maps, puts its
+listener sockets into the sockmap and attaches the programs with tc.
+
+Restart: a new agent process constructs `Capture` with the same pin dir and calls `start()`:
+the loader reuses the pinned maps (BPF_TABLE_PINNED) and replaces the pinned programs, the
+new programs replace ours on the uplink and on every pod interface that has them, and the
+new listener fds go into the sockmap. Enrolled pods stay enrolled throughout; the old
 programs keep working on the same maps until they are replaced.
 
-Modules: `config` (pure, validated records and -D flags), `bpf` (the one bcc user: programs
-and maps by fd), `netlink` (the one pyroute2 user: tc filters, rule and route), `errors`.
+Modules: `config` (pure, validated records and -D flags), `syscalls` (bpf() through ctypes),
+`objects` (the pinned programs and maps by name), `loader` (the loader process and its
+caller's side), `bpf` (the one bcc user, imported by the loader process only), `netlink`
+(the one pyroute2 user: tc filters, rule and route), `errors`.
 IPv4 only: IPv6 addresses of a pod are not captured (the programs do not parse IPv6).
-Methods block on syscalls and netlink; call them from one thread, not from an event loop.
+Methods block on syscalls, netlink and the loader process; call them from one thread, not
+from an event loop.
 """
 
 from __future__ import annotations
@@ -42,14 +51,6 @@ import logging
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 
-from ztunnel.capture.bpf import (
-    POD_PROGRAM,
-    UPLINK_PROGRAM,
-    CaptureMaps,
-    CapturePrograms,
-    prepare_pin_dir,
-    remove_pins,
-)
 from ztunnel.capture.config import (
     CaptureConfig,
     FailMode,
@@ -58,7 +59,16 @@ from ztunnel.capture.config import (
     listener_slots,
 )
 from ztunnel.capture.errors import CaptureError
+from ztunnel.capture.loader import run_loader
 from ztunnel.capture.netlink import Direction, Netlink
+from ztunnel.capture.objects import (
+    POD_PROGRAM,
+    UPLINK_PROGRAM,
+    CaptureMaps,
+    CapturePrograms,
+    LoadReport,
+    remove_pins,
+)
 
 __all__ = [
     "Capture",
@@ -67,6 +77,7 @@ __all__ = [
     "CaptureMaps",
     "FailMode",
     "ListenerSlot",
+    "LoadReport",
     "PodEnrolment",
 ]
 
@@ -87,6 +98,7 @@ class Capture:
         self._netlink = Netlink(config.netns)
         self._programs: CapturePrograms | None = None
         self._pod_ifnames: set[str] = set()
+        self.load_report: LoadReport | None = None  # what the last start()'s loader did
 
     def __enter__(self) -> Capture:
         return self
@@ -113,15 +125,26 @@ class Capture:
 
         `listener_fds` maps "outbound"/"inbound"/"hbone" to listening sockets of this node's
         namespace; slots not given are emptied (their connections then follow the fail mode).
+        Needs `config.pin_dir`: the loader process hands programs and maps over as pins.
         """
         if self._programs is not None:
             raise CaptureError("capture is already started")
         cfg = self.config
         slots = listener_slots(listener_fds)
-        if cfg.pin_dir is not None:
-            prepare_pin_dir(cfg.pin_dir)
-        programs = CapturePrograms.load(cfg)
+        if cfg.pin_dir is None:
+            raise CaptureError(
+                "capture needs a pin directory: the programs are loaded by a separate"
+                " process and handed over as pinned objects"
+            )
+        self.load_report = run_loader(cfg)
+        programs = CapturePrograms.open_pinned(cfg.pin_dir)
         try:
+            for name, prog_id in self.load_report.program_ids.items():
+                if programs.prog_info(name).id != prog_id:
+                    raise CaptureError(
+                        f"pinned program {cfg.pin_dir / name} was replaced while starting:"
+                        " is another agent using the same pin directory?"
+                    )
             maps = programs.maps
             maps.set_node_addresses(cfg.node_addresses)
             maps.set_fail_mode(cfg.fail_mode)

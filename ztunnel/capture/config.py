@@ -1,7 +1,8 @@
 """Pure configuration of the capture layer: validated frozen records and the BPF `-D` flags.
 
-Nothing here touches the kernel, so it can be tested without root; `ztunnel.capture.bpf` and
-`ztunnel.capture.netlink` turn these records into programs, maps, filters and rules.
+Nothing here touches the kernel, so it can be tested without root; the loader process
+(`ztunnel.capture.loader`, which receives a `CaptureConfig` as JSON), `ztunnel.capture.objects`
+and `ztunnel.capture.netlink` turn these records into programs, maps, filters and rules.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from ztunnel.errors import ConfigError
 from ztunnel.model import HBONE_PORT, IPAddress
@@ -88,8 +90,9 @@ class CaptureConfig:
     """Everything the capture layer of one node needs; validated on construction.
 
     `netns` None means the current network namespace (the agent runs inside the node's);
-    a name means /run/netns/<name>. `pin_dir` None disables pinning (maps die with the
-    process), which is only useful for experiments.
+    a name means /run/netns/<name>. `pin_dir` is where programs and maps are pinned (on a
+    bpffs); `Capture.start()` needs it, since the loader process hands them over as pins,
+    while `detach_all()` works without it.
     """
 
     node_addresses: tuple[ipaddress.IPv4Address, ...]
@@ -142,6 +145,51 @@ class CaptureConfig:
         _check_int("max_node_addrs", self.max_node_addrs, 1, 4096)
         if len(self.node_addresses) > self.max_node_addrs:
             raise ConfigError(SOURCE, "node_addresses", f"more than {self.max_node_addrs}")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict of every field (how the agent hands its config to the loader)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "node_addresses":
+                value = [str(ip) for ip in value]
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, FailMode):
+                value = value.value
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> CaptureConfig:
+        """The inverse of `to_json`; a bad or unknown field is named in the ConfigError."""
+        if not isinstance(data, dict):
+            raise ConfigError(SOURCE, "", f"must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(SOURCE, unknown[0], "unknown field")
+        if "node_addresses" not in data:
+            raise ConfigError(SOURCE, "node_addresses", "is required")
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            try:
+                if name == "node_addresses":
+                    if not isinstance(value, list):
+                        raise ValueError("must be a list of addresses")
+                    value = tuple(ipaddress.ip_address(ip) for ip in value)
+                elif name == "bpf_source" or (name == "pin_dir" and value is not None):
+                    if not isinstance(value, str):
+                        raise ValueError("must be a path string")
+                    value = Path(value)
+                elif name == "fail_mode":
+                    value = FailMode(value)
+                elif name in ("uplink_ifname", "netns") and not isinstance(value, str | None):
+                    raise ValueError("must be a string or null")
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(SOURCE, name, f"bad value {value!r}: {exc}") from None
+            values[name] = value
+        return cls(**values)
 
     def cflags(self) -> tuple[str, ...]:
         """The -D flags that configure bpf/capture.c (the source is never edited)."""
