@@ -206,7 +206,7 @@ class Agent:
                            for k, a in sorted(self.listeners.items())))
 
     async def _start_capture(self) -> None:
-        from ztunnel.kernel_capture import KernelCapture  # imports bcc: only in ebpf mode
+        from ztunnel.kernel_capture import KernelCapture  # pyroute2 and bpf(): only in ebpf mode
 
         s = self.settings
         self.kernel = KernelCapture(s)
