@@ -34,6 +34,17 @@ def start(pid: int, seconds: float, out: Path, native: bool = False) -> subproce
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def _ztunnel_file(name: str) -> str | None:
+    """py-spy names some files by their bare name (`connection.py`): find ours, if unique."""
+    found = [p for p in _PACKAGE_DIR.rglob(name) if "bench" not in p.parts]
+    if len(found) == 1:
+        return "ztunnel/" + found[0].relative_to(_PACKAGE_DIR).as_posix()
+    return None
+
+
 def _function(frame: str) -> str:
     """`handle (ztunnel/proxy/relay.py:71)` -> `handle (ztunnel/proxy/relay.py)`."""
     name, _, where = frame.partition(" (")
@@ -44,31 +55,63 @@ def _function(frame: str) -> str:
             break
     if "/ztunnel/" in path:
         path = "ztunnel/" + path.split("/ztunnel/", 1)[1]
+    elif path.endswith(".py") and "/" not in path:
+        path = _ztunnel_file(path) or path
     return f"{name} ({path})" if path else name
 
 
+# Frames every sample has (the interpreter's entry, `ztunnel run`, the loop's run call): left
+# out of the inclusive ranking, where they would only say "100%".
+_ENTRY_FRAMES = ("<frozen runpy>", "ztunnel/__main__.py", "ztunnel/cli.py", "uvloop/__init__.py",
+                 "asyncio/runners.py", "asyncio/base_events.py")
+# A sample whose innermost Python frame is the loop's run call is in the event loop's native
+# code: uvloop (libuv, socket syscalls, epoll) or asyncio's selector.
+_LOOP_NATIVE = "event loop (native: uvloop/libuv, syscalls)"
+
+
+def _package(function: str) -> str:
+    """`f (ztunnel/hbone/connection.py)` -> `ztunnel/hbone/connection`; `f (asyncio/x.py)` ->
+    `asyncio`; `f (ssl.py)` -> `ssl`."""
+    if function == _LOOP_NATIVE:
+        return function
+    _, _, where = function.partition(" (")
+    where = where.rstrip(")")
+    if where.startswith("ztunnel/"):
+        return where.removesuffix(".py")
+    return where.split("/", 1)[0].removesuffix(".py") or "?"
+
+
 def summarise(raw: Path, top: int = 15) -> dict[str, Any]:
-    """Own and inclusive sample shares of the busiest functions in a collapsed-stack file."""
+    """Own and inclusive sample shares of the busiest functions in a collapsed-stack file, and
+    own shares per package (h2, asyncio, ssl, ztunnel modules, ...)."""
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     total = 0
+    names: dict[str, str] = {}
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        frames = [_function(f) for f in stack.split(";")]
-        # py-spy puts the thread name first (`process ...;thread ...`); skip non-frames.
+        frames = [names.get(f) or names.setdefault(f, _function(f)) for f in stack.split(";")]
+        # py-spy may put the process/thread first; keep only real frames.
         frames = [f for f in frames if "(" in f] or frames
+        leaf = frames[-1]
+        if "asyncio/runners.py" in leaf or "uvloop/__init__.py" in leaf:
+            leaf = _LOOP_NATIVE
         total += n
-        own[frames[-1]] += n
+        own[leaf] += n
         for f in set(frames):
-            incl[f] += n
+            if not any(e in f for e in _ENTRY_FRAMES):
+                incl[f] += n
     if not total:
-        return {"samples": 0, "own": [], "inclusive": []}
-    return {
-        "samples": total,
-        "own": [{"function": f, "share": round(c / total, 4)} for f, c in own.most_common(top)],
-        "inclusive": [{"function": f, "share": round(c / total, 4)}
-                      for f, c in incl.most_common(top)],
-    }
+        return {"samples": 0, "own": [], "inclusive": [], "own_by_package": []}
+    packages: Counter[str] = Counter()
+    for f, c in own.items():
+        packages[_package(f)] += c
+
+    def shares(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [{"function": f, "share": round(c / total, 4)} for f, c in counter.most_common(top)]
+
+    return {"samples": total, "own": shares(own), "inclusive": shares(incl),
+            "own_by_package": shares(packages)}

@@ -99,15 +99,29 @@ def capture_lines(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def profile_lines(results: dict[str, Any]) -> list[str]:
+    """Per profiled load and agent: the measured figure and own time per package."""
+    out = []
+    for scenario, loads in results.get("profiles", {}).items():
+        for entry in loads.values():
+            for proc, prof in entry.items():
+                if not isinstance(prof, dict) or not prof.get("samples"):
+                    continue
+                top = ", ".join(f"{p['function']} {100 * p['share']:.0f}%"
+                                for p in prof.get("own_by_package", [])[:6])
+                out.append(f"{scenario} {entry['figure']} {proc}: {top}")
+    return out
+
+
 def target_lines(results: dict[str, Any]) -> list[str]:
     out = []
     for t in results.get("targets", []):
         mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         v = t["value"]
         if isinstance(v, dict):
-            v = ", ".join(f"{k} {_fmt(x, '.0f')}" for k, x in v.items())
+            v = ", ".join(f"{k} {_fmt(x, '.3g')}" for k, x in v.items())
         elif isinstance(v, float):
-            v = f"{v:.3f}"
+            v = f"{v:.3g}"
         out.append(f"{t['target']}: {v} (goal {t['goal']}) -> {mark}")
     return out
 
@@ -137,6 +151,11 @@ def terminal(results: dict[str, Any]) -> str:
         "targets:",
         *("  " + t for t in target_lines(results)),
     ]
+    if results.get("profiles"):
+        parts += ["", "profiles (py-spy, own time by package):",
+                  *("  " + line for line in profile_lines(results))]
+    if results.get("recoveries"):
+        parts += ["", f"labs rebuilt after a failed measurement: {len(results['recoveries'])}"]
     if results.get("errors"):
         parts += ["", "errors:", *("  " + e for e in results["errors"])]
     return "\n".join(parts)
@@ -207,6 +226,11 @@ def readme_section(results: dict[str, Any]) -> str:
         "Targets:",
         "",
         *("- " + t for t in target_lines(results)),
+        *(["", f"Failed measurements (recorded in the JSON): {len(results['errors'])}; "
+           + "; ".join(results["errors"][:4]) + (" ..." if len(results["errors"]) > 4 else "")]
+          if results.get("errors") else []),
+        *(["", "Agent profiles (py-spy, own time by package):", "",
+           *("- " + line for line in profile_lines(results))] if results.get("profiles") else []),
         README_END,
     ])
 
@@ -228,7 +252,7 @@ the namespace lab, the same pod-to-pod traffic four ways: **direct** (pods not e
 mesh: the machine's limit), **stunnel** (a Debian `stunnel4` pair on the two nodes, mutual TLS
 1.3 with our CA's certificates: the classic C TLS tunnel), **mesh** (our agents, eBPF capture +
 HBONE, cross node and same node) and **tproxy** (the same agents with nftables TPROXY capture
-instead of eBPF). About 8 minutes; `--quick` is a smoke run under a minute. It prints the
+instead of eBPF). About 7 minutes; `--quick` is a smoke run under a minute. It prints the
 table, writes `bench/results/latest.json` (every figure, every repetition, the machine) and
 `bench/results/latest.png`, and rewrites the block below. `--profile` adds py-spy profiles of
 the agents under bulk and new-connection load (needs `pip install py-spy` in the venv)."""
