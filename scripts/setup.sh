@@ -11,7 +11,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 need_pkgs=()
-for p in python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 stunnel4 iperf3 tcpdump nodejs; do
+for p in python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 stunnel4 iperf3 tcpdump nodejs nftables; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

@@ -78,11 +78,13 @@ class HboneStream:
     async def read(self) -> bytes:
         """The next chunk, or b"" at END_STREAM. Call `ack(len(chunk))` once it is written on."""
         while not self._recv:
-            if self._error is not None:
-                raise StreamClosed(str(self._error))
+            # A peer that finished its direction has said all it had to: report the end even
+            # if the connection went away afterwards.
             if self._eof:
                 self._conn._maybe_forget(self)
                 return b""
+            if self._error is not None:
+                raise StreamClosed(str(self._error))
             self._recv_waiter = self._conn.loop.create_future()
             try:
                 await self._recv_waiter
@@ -125,12 +127,14 @@ class HboneStream:
             self._conn.end_stream(self.stream_id)
 
     def reset(self, code: int = p.ErrorCode.CANCEL) -> None:
+        self._drop_unread()
         if self._error is None:
             self._conn.reset_stream(self.stream_id, code)
             self._fail(StreamClosed(f"stream {self.stream_id} reset locally"))
 
     def release(self) -> None:
         """The caller is done: reset the stream if it is still open, else forget it."""
+        self._drop_unread()
         if self._error is None and not (self._eof and self._sent_end):
             self.reset()
         else:
@@ -176,11 +180,22 @@ class HboneStream:
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
             self._error = exc
+        if not self._eof:
+            # An unfinished stream's data will never be read.
+            self._drop_unread()
         if self._response is not None and not self._response.done():
             self._response.set_exception(exc)
             self._response.exception()
         self._wake_reader()
         self._on_window()
+
+    def _drop_unread(self) -> None:
+        """Give the window of queued, never-to-be-read data back to the connection, or its
+        shared window shrinks for good and every stream on it stalls."""
+        if self._recv:
+            unread = sum(flow for _, flow in self._recv)
+            self._recv.clear()
+            self._conn.consumed(self.stream_id, unread)
 
     def _wake_reader(self) -> None:
         w = self._recv_waiter
