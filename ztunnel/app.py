@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +94,7 @@ class Agent:
         self._parts = parts
         self.listeners: dict[tuple[str, str], Listener] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._conn_tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.draining = False
         self._drain_task: asyncio.Future[None] | None = None
@@ -109,8 +110,12 @@ class Agent:
         except ZtunnelError as e:
             raise ConfigError("--ca-dir", s.ca_dir, str(e)) from None
         if ca.trust_domain != s.trust_domain:
-            log.warning("CA in %s is for trust domain %s, agent uses %s",
-                        s.ca_dir, ca.trust_domain, s.trust_domain)
+            log.warning(
+                "CA in %s is for trust domain %s, agent uses %s",
+                s.ca_dir,
+                ca.trust_domain,
+                s.trust_domain,
+            )
         return LocalCaSource(ca)
 
     # ---- state ----
@@ -139,8 +144,13 @@ class Agent:
                 log.error("mesh state reload failed, keeping the previous state: %s", e)
                 continue
             self._replace_state(state)
-            log.info("mesh state reloaded from %s: %d workloads, %d services, %d policies",
-                     path, len(state.workloads), len(state.services), len(state.policies))
+            log.info(
+                "mesh state reloaded from %s: %d workloads, %d services, %d policies",
+                path,
+                len(state.workloads),
+                len(state.services),
+                len(state.policies),
+            )
 
     def local_identity(self, ip: IPAddress) -> SpiffeId | None:
         wl = self.ctx.local_workload(ip)
@@ -154,7 +164,10 @@ class Agent:
             self.load_state()
         transparent = s.capture in TRANSPARENT_CAPTURES
         self.pool = HbonePool(
-            self.certs, self.contexts, s.connect_timeout, s.pool_idle_timeout,
+            self.certs,
+            self.contexts,
+            s.connect_timeout,
+            s.pool_idle_timeout,
             transparent_source=transparent,
         )
         self.ctx = ProxyContext(
@@ -176,8 +189,12 @@ class Agent:
         self.inbound = InboundProxy(self.ctx)
         self.socks5 = Socks5Server(self.outbound, self._resolve_host)
         self.hbone = HboneServer(
-            self.certs, self.contexts, s.trust_domain, self.local_identity,
-            self.inbound.handle_stream, on_tls_failure=self.inbound.tls_failed,
+            self.certs,
+            self.contexts,
+            s.trust_domain,
+            self.local_identity,
+            self.inbound.handle_stream,
+            on_tls_failure=self.inbound.tls_failed,
         )
         self.store.subscribe(lambda old, new: self._sync_listeners())
         for cb in self._parts.on_state:
@@ -185,8 +202,11 @@ class Agent:
         if s.socks5_port:
             await self._add_listener("socks5", s.socks5_address, s.socks5_port, False)
         if s.capture in TRANSPARENT_CAPTURES:
-            for kind, port in (("outbound", s.outbound_port),
-                               ("inbound", s.inbound_plaintext_port), ("hbone", s.hbone_port)):
+            for kind, port in (
+                ("outbound", s.outbound_port),
+                ("inbound", s.inbound_plaintext_port),
+                ("hbone", s.hbone_port),
+            ):
                 await self._add_listener(kind, "0.0.0.0", port, True)
         if s.capture == "ebpf":
             await self._start_capture()
@@ -200,10 +220,14 @@ class Agent:
         # Issue local workloads' certificates up front so the first connection is fast.
         for wl in self.store.current.local_workloads(s.node_name):
             self._spawn(self._prefetch(wl.identity), f"cert-prefetch {wl.identity}")
-        log.info("agent %s up: %d local workloads, listeners: %s", s.node_name,
-                 len(self.store.current.local_workloads(s.node_name)),
-                 ", ".join(f"{k[0]}={a.address[0]}:{a.address[1]}"
-                           for k, a in sorted(self.listeners.items())))
+        log.info(
+            "agent %s up: %d local workloads, listeners: %s",
+            s.node_name,
+            len(self.store.current.local_workloads(s.node_name)),
+            ", ".join(
+                f"{k[0]}={a.address[0]}:{a.address[1]}" for k, a in sorted(self.listeners.items())
+            ),
+        )
 
     async def _start_capture(self) -> None:
         from ztunnel.kernel_capture import KernelCapture  # pyroute2 and bpf(): only in ebpf mode
@@ -227,8 +251,9 @@ class Agent:
             except ZtunnelError as e:
                 failures += 1
                 delay = self.certs.backoff(failures)
-                log.warning("certificate for %s not available (retry in %.1fs): %s",
-                            ident, delay, e)
+                log.warning(
+                    "certificate for %s not available (retry in %.1fs): %s", ident, delay, e
+                )
                 await asyncio.sleep(delay)
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
@@ -263,8 +288,11 @@ class Agent:
         for key in list(self.listeners):
             if key[0] != "socks5" and key not in want:
                 self._close_listener(key)
-        ports = {"hbone": s.hbone_port, "inbound": s.inbound_plaintext_port,
-                 "outbound": s.outbound_port}
+        ports = {
+            "hbone": s.hbone_port,
+            "inbound": s.inbound_plaintext_port,
+            "outbound": s.outbound_port,
+        }
         for kind, ip in sorted(want - set(self.listeners)):
             self._spawn(self._add_listener(kind, ip, ports[kind], False), f"listen {kind} {ip}")
 
@@ -296,34 +324,45 @@ class Agent:
             "inbound": self._on_inbound,
             "socks5": self._on_socks5,
         }[kind]
-        # backlog: start_server re-listens on the socket; keep listen()'s deep queue.
-        lst.server = await asyncio.start_server(
-            handler, sock=sock, limit=256 * 1024, backlog=4096
+        loop = asyncio.get_running_loop()
+        # backlog: create_server re-listens on the socket; keep listen()'s deep queue.
+        lst.server = await loop.create_server(
+            lambda: TcpEnd(on_ready=lambda end: self._spawn_connection(handler(end), kind)),
+            sock=sock,
+            backlog=4096,
         )
+
+    def _spawn_connection(self, coro: Coroutine[Any, Any, None], kind: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"conn-{kind}")
+        self._conn_tasks.add(task)
+        task.add_done_callback(self._conn_done)
+
+    def _conn_done(self, task: asyncio.Task[None]) -> None:
+        self._conn_tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("connection handler %s failed", task.get_name(), exc_info=exc)
 
     # ---- connection entry points ----
 
     @staticmethod
-    def _peer(writer: asyncio.StreamWriter) -> tuple[IPAddress, int]:
-        peer = writer.get_extra_info("peername")
+    def _peer(end: TcpEnd) -> tuple[IPAddress, int]:
+        peer = end.extra("peername")
         return _ip(peer[0]), int(peer[1])
 
     @staticmethod
-    def _local(writer: asyncio.StreamWriter) -> tuple[IPAddress, int]:
-        sock = writer.get_extra_info("socket")
-        ip, port = original_destination(sock)
+    def _local(end: TcpEnd) -> tuple[IPAddress, int]:
+        ip, port = original_destination(end.extra("socket"))
         return _ip(ip), port
 
-    async def _on_outbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self.outbound.handle(TcpEnd(reader, writer), self._peer(writer), self._local(writer))
+    async def _on_outbound(self, end: TcpEnd) -> None:
+        await self.outbound.handle(end, self._peer(end), self._local(end))
 
-    async def _on_inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self.inbound.handle_plaintext(
-            TcpEnd(reader, writer), self._peer(writer), self._local(writer)
-        )
+    async def _on_inbound(self, end: TcpEnd) -> None:
+        await self.inbound.handle_plaintext(end, self._peer(end), self._local(end))
 
-    async def _on_socks5(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self.socks5.handle(TcpEnd(reader, writer), self._peer(writer))
+    async def _on_socks5(self, end: TcpEnd) -> None:
+        await self.socks5.handle(end, self._peer(end))
 
     def _resolve_host(self, host: str) -> IPAddress | None:
         """SOCKS5 hostnames: a service hostname (its first VIP) or a workload hostname."""
@@ -355,7 +394,7 @@ class Agent:
         for rec in list(self.tracker.live.values()):
             rec.close("agent shutting down")
         me = asyncio.current_task()
-        others = [t for t in self._tasks if t is not me]
+        others = [t for t in (*self._tasks, *self._conn_tasks) if t is not me]
         for t in others:
             t.cancel()
         await asyncio.gather(*others, return_exceptions=True)

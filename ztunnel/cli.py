@@ -58,8 +58,10 @@ def run_loop(main: Callable[[], Coroutine[Any, Any, int]], kind: str = "uvloop")
 def _ca_init(args: argparse.Namespace) -> int:
     ca = CertificateAuthority.create(args.trust_domain)
     ca.save(args.dir)
-    print(f"wrote a CA for trust domain {args.trust_domain} to {args.dir} "
-          "(ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)")
+    print(
+        f"wrote a CA for trust domain {args.trust_domain} to {args.dir} "
+        "(ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)"
+    )
     return 0
 
 
@@ -76,8 +78,10 @@ def _ca_issue(args: argparse.Namespace) -> int:
         print(f"ztunnel ca issue: {e}", file=sys.stderr)
         return 2
     write_workload_files(cert, args.out)
-    print(f"wrote cert-chain.pem, key.pem, root-cert.pem for {ident} to {args.out} "
-          f"(valid until {cert.not_after.isoformat()})")
+    print(
+        f"wrote cert-chain.pem, key.pem, root-cert.pem for {ident} to {args.out} "
+        f"(valid until {cert.not_after.isoformat()})"
+    )
     return 0
 
 
@@ -94,8 +98,10 @@ def _lab(args: argparse.Namespace) -> int:
     try:
         if args.lab_command == "up":
             t = runner.up(args.nodes, args.pods, lambda m: print(f"  .. {m}", flush=True))
-            print(f"lab {t.lab_id} is up; `ztunnel lab status` shows it, `ztunnel lab down` "
-                  "removes it")
+            print(
+                f"lab {t.lab_id} is up; `ztunnel lab status` shows it, `ztunnel lab down` "
+                "removes it"
+            )
             return 0
         if args.lab_command == "demo":
             return demo.main(args.nodes, args.pods, args.keep)
@@ -137,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     issue = ca_sub.add_parser("issue", help="issue a workload certificate")
     issue.add_argument("--dir", required=True, help="the CA directory (from ca init)")
     issue.add_argument("--identity", required=True, help="spiffe://TD/ns/N/sa/S")
-    issue.add_argument("--out", required=True, help="directory for cert-chain.pem, key.pem, root-cert.pem")
+    issue.add_argument(
+        "--out", required=True, help="directory for cert-chain.pem, key.pem, root-cert.pem"
+    )
     issue.set_defaults(func=_ca_issue)
 
     demo = sub.add_parser("demo", help="two agents on loopback, real traffic, a summary")
@@ -147,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_parser(sub)
     lab = sub.add_parser("lab", help="the network-namespace lab (root): nodes, pods, eBPF")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
-    for name, text in (("up", "build a lab and start its agents"),
-                       ("demo", "build a lab, send every kind of flow, summarise, tear down")):
+    for name, text in (
+        ("up", "build a lab and start its agents"),
+        ("demo", "build a lab, send every kind of flow, summarise, tear down"),
+    ):
         p = lab_sub.add_parser(name, help=text)
         p.add_argument("--nodes", type=int, default=2)
         p.add_argument("--pods", type=int, default=3, help="pods per node")

@@ -58,41 +58,131 @@ class Settings:
 
 # (field, flag, env var, help)
 _SPEC: list[tuple[str, str, str, str]] = [
-    ("node_name", "--node-name", "NODE_NAME", "this agent's node; workloads with this node are local"),
+    (
+        "node_name",
+        "--node-name",
+        "NODE_NAME",
+        "this agent's node; workloads with this node are local",
+    ),
     ("trust_domain", "--trust-domain", "TRUST_DOMAIN", "SPIFFE trust domain of the mesh"),
     ("cluster_id", "--cluster-id", "CLUSTER_ID", "cluster id (telemetry, CA requests)"),
-    ("local_xds_path", "--local-xds", "LOCAL_XDS_PATH", "mesh state file or directory (YAML), reloaded on change"),
+    (
+        "local_xds_path",
+        "--local-xds",
+        "LOCAL_XDS_PATH",
+        "mesh state file or directory (YAML), reloaded on change",
+    ),
     ("xds_address", "--xds-address", "XDS_ADDRESS", "istiod xDS address (not supported yet)"),
     ("ca_address", "--ca-address", "CA_ADDRESS", "Istio CA address (not supported yet)"),
-    ("ca_dir", "--ca-dir", "ZTUNNEL_CA_DIR", "act as our own CA with the cacerts in this directory"),
-    ("capture", "--capture", "ZTUNNEL_CAPTURE", "traffic capture: none (listen on each local workload IP), ebpf, or tproxy (the ebpf "
-     "listeners without BPF: the node's TPROXY rules are installed by someone else, e.g. the "
-     "benchmark)"),
+    (
+        "ca_dir",
+        "--ca-dir",
+        "ZTUNNEL_CA_DIR",
+        "act as our own CA with the cacerts in this directory",
+    ),
+    (
+        "capture",
+        "--capture",
+        "ZTUNNEL_CAPTURE",
+        "traffic capture: none (listen on each local workload IP), ebpf, or tproxy (the ebpf "
+        "listeners without BPF: the node's TPROXY rules are installed by someone else, e.g. the "
+        "benchmark)",
+    ),
     ("outbound_port", "--outbound-port", "ZTUNNEL_OUTBOUND_PORT", "outbound capture port"),
-    ("inbound_plaintext_port", "--inbound-plaintext-port", "ZTUNNEL_INBOUND_PLAINTEXT_PORT", "inbound plaintext capture port"),
-    ("hbone_port", "--hbone-port", "ZTUNNEL_HBONE_PORT", "inbound HBONE port, also dialed on peers"),
-    ("socks5_port", "--socks5-port", "ZTUNNEL_SOCKS5_PORT", "SOCKS5 outbound entry port (0 disables)"),
+    (
+        "inbound_plaintext_port",
+        "--inbound-plaintext-port",
+        "ZTUNNEL_INBOUND_PLAINTEXT_PORT",
+        "inbound plaintext capture port",
+    ),
+    (
+        "hbone_port",
+        "--hbone-port",
+        "ZTUNNEL_HBONE_PORT",
+        "inbound HBONE port, also dialed on peers",
+    ),
+    (
+        "socks5_port",
+        "--socks5-port",
+        "ZTUNNEL_SOCKS5_PORT",
+        "SOCKS5 outbound entry port (0 disables)",
+    ),
     ("socks5_address", "--socks5-address", "ZTUNNEL_SOCKS5_ADDRESS", "SOCKS5 listen address"),
     ("admin_port", "--admin-port", "ZTUNNEL_ADMIN_PORT", "admin API port (0 disables)"),
-    ("admin_address", "--admin-address", "ZTUNNEL_ADMIN_ADDRESS", "admin API address (localhost only)"),
+    (
+        "admin_address",
+        "--admin-address",
+        "ZTUNNEL_ADMIN_ADDRESS",
+        "admin API address (localhost only)",
+    ),
     ("stats_port", "--stats-port", "ZTUNNEL_STATS_PORT", "Prometheus metrics port (0 disables)"),
     ("readiness_port", "--readiness-port", "ZTUNNEL_READINESS_PORT", "readiness port (0 disables)"),
-    ("status_address", "--status-address", "ZTUNNEL_STATUS_ADDRESS", "address of the metrics and readiness listeners"),
+    (
+        "status_address",
+        "--status-address",
+        "ZTUNNEL_STATUS_ADDRESS",
+        "address of the metrics and readiness listeners",
+    ),
     ("log_format", "--log-format", "LOG_FORMAT", "access/agent log format: text or json"),
     ("log_level", "--log-level", "LOG_LEVEL", "log level: debug, info, warning, error"),
-    ("connect_timeout", "--connect-timeout", "ZTUNNEL_CONNECT_TIMEOUT", "seconds to wait for an upstream connect or CONNECT answer"),
-    ("drain_timeout", "--drain-timeout", "TERMINATION_GRACE_PERIOD_SECONDS", "grace period for open connections on SIGTERM"),
-    ("pool_idle_timeout", "--pool-idle-timeout", "POOL_UNUSED_RELEASE_TIMEOUT", "seconds before an idle HBONE connection is released"),
+    (
+        "connect_timeout",
+        "--connect-timeout",
+        "ZTUNNEL_CONNECT_TIMEOUT",
+        "seconds to wait for an upstream connect or CONNECT answer",
+    ),
+    (
+        "drain_timeout",
+        "--drain-timeout",
+        "TERMINATION_GRACE_PERIOD_SECONDS",
+        "grace period for open connections on SIGTERM",
+    ),
+    (
+        "pool_idle_timeout",
+        "--pool-idle-timeout",
+        "POOL_UNUSED_RELEASE_TIMEOUT",
+        "seconds before an idle HBONE connection is released",
+    ),
     ("allow_tls12", "--allow-tls12", "ZTUNNEL_ALLOW_TLS12", "also accept TLS 1.2 for HBONE"),
     ("event_loop", "--event-loop", "ZTUNNEL_EVENT_LOOP", "asyncio event loop: uvloop or asyncio"),
-    ("bind_source_ip", "--bind-source-ip", "ZTUNNEL_BIND_SOURCE_IP", "open outbound HBONE from the source workload's IP"),
-    ("reload_interval", "--reload-interval", "ZTUNNEL_RELOAD_INTERVAL", "seconds between checks of the mesh state file"),
-    ("bpf_pin_dir", "--bpf-pin-dir", "ZTUNNEL_BPF_PIN_DIR", "bpffs directory for pinned capture maps (ebpf)"),
+    (
+        "bind_source_ip",
+        "--bind-source-ip",
+        "ZTUNNEL_BIND_SOURCE_IP",
+        "open outbound HBONE from the source workload's IP",
+    ),
+    (
+        "reload_interval",
+        "--reload-interval",
+        "ZTUNNEL_RELOAD_INTERVAL",
+        "seconds between checks of the mesh state file",
+    ),
+    (
+        "bpf_pin_dir",
+        "--bpf-pin-dir",
+        "ZTUNNEL_BPF_PIN_DIR",
+        "bpffs directory for pinned capture maps (ebpf)",
+    ),
     ("uplink", "--uplink", "ZTUNNEL_UPLINK", "node interface towards other nodes (ebpf)"),
     ("node_ip", "--node-ip", "ZTUNNEL_NODE_IP", "the node's own address, never captured (ebpf)"),
-    ("fail_open", "--fail-open", "ZTUNNEL_FAIL_OPEN", "let enrolled pods' traffic pass uncaptured while no agent runs (ebpf)"),
-    ("enrolment_socket", "--enrolment-socket", "ZTUNNEL_ENROLMENT_SOCKET", "Unix socket of the enrolment API (ebpf)"),
-    ("state_dir", "--state-dir", "ZTUNNEL_STATE_DIR", "directory for the agent's small state files (ebpf)"),
+    (
+        "fail_open",
+        "--fail-open",
+        "ZTUNNEL_FAIL_OPEN",
+        "let enrolled pods' traffic pass uncaptured while no agent runs (ebpf)",
+    ),
+    (
+        "enrolment_socket",
+        "--enrolment-socket",
+        "ZTUNNEL_ENROLMENT_SOCKET",
+        "Unix socket of the enrolment API (ebpf)",
+    ),
+    (
+        "state_dir",
+        "--state-dir",
+        "ZTUNNEL_STATE_DIR",
+        "directory for the agent's small state files (ebpf)",
+    ),
 ]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -104,11 +194,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, flag, env, help_text in _SPEC:
         default = getattr(defaults, name)
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=name, default=None, nargs="?", const="true",
-                                metavar="BOOL", help=f"{help_text} [env {env}; default {default}]")
+            parser.add_argument(
+                flag,
+                dest=name,
+                default=None,
+                nargs="?",
+                const="true",
+                metavar="BOOL",
+                help=f"{help_text} [env {env}; default {default}]",
+            )
         else:
-            parser.add_argument(flag, dest=name, default=None,
-                                help=f"{help_text} [env {env}; default {default!r}]")
+            parser.add_argument(
+                flag, dest=name, default=None, help=f"{help_text} [env {env}; default {default!r}]"
+            )
 
 
 def _convert(name: str, raw: str, kind: type, where: str) -> Any:
@@ -152,7 +250,9 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         validate(s)
     except ConfigError as e:
         # Name what the user set: the flag or environment variable the bad value came from.
-        raise ConfigError(origins.get(e.path, _describe_setting(e.path)), e.path, e.reason) from None
+        raise ConfigError(
+            origins.get(e.path, _describe_setting(e.path)), e.path, e.reason
+        ) from None
     return s
 
 
@@ -165,9 +265,13 @@ def _describe_setting(name: str) -> str:
 
 def validate(s: Settings) -> None:
     ports = {
-        "outbound_port": s.outbound_port, "inbound_plaintext_port": s.inbound_plaintext_port,
-        "hbone_port": s.hbone_port, "socks5_port": s.socks5_port, "admin_port": s.admin_port,
-        "stats_port": s.stats_port, "readiness_port": s.readiness_port,
+        "outbound_port": s.outbound_port,
+        "inbound_plaintext_port": s.inbound_plaintext_port,
+        "hbone_port": s.hbone_port,
+        "socks5_port": s.socks5_port,
+        "admin_port": s.admin_port,
+        "stats_port": s.stats_port,
+        "readiness_port": s.readiness_port,
     }
     for name, port in ports.items():
         if not 0 <= port <= 65535:
@@ -184,24 +288,34 @@ def validate(s: Settings) -> None:
         try:
             ipaddress.ip_address(getattr(s, name))
         except ValueError:
-            raise ConfigError("settings", name, f"not an IP address: {getattr(s, name)!r}") from None
+            raise ConfigError(
+                "settings", name, f"not an IP address: {getattr(s, name)!r}"
+            ) from None
     if s.node_ip:
         try:
             ipaddress.ip_address(s.node_ip)
         except ValueError:
             raise ConfigError("settings", "node_ip", f"not an IP address: {s.node_ip!r}") from None
     if not s.local_xds_path and not s.xds_address:
-        raise ConfigError("settings", "local_xds_path",
-                          "no mesh state: give --local-xds FILE (LOCAL_XDS_PATH)")
+        raise ConfigError(
+            "settings", "local_xds_path", "no mesh state: give --local-xds FILE (LOCAL_XDS_PATH)"
+        )
     if s.xds_address and not s.local_xds_path:
-        raise ConfigError("settings", "xds_address",
-                          "istiod xDS is not supported yet; use --local-xds FILE")
+        raise ConfigError(
+            "settings", "xds_address", "istiod xDS is not supported yet; use --local-xds FILE"
+        )
     if not s.ca_dir:
         if s.ca_address:
-            raise ConfigError("settings", "ca_address",
-                              "the Istio CA client is not supported yet; use --ca-dir DIR")
-        raise ConfigError("settings", "ca_dir",
-                          "no certificate source: give --ca-dir DIR (ztunnel ca init --dir DIR)")
+            raise ConfigError(
+                "settings",
+                "ca_address",
+                "the Istio CA client is not supported yet; use --ca-dir DIR",
+            )
+        raise ConfigError(
+            "settings",
+            "ca_dir",
+            "no certificate source: give --ca-dir DIR (ztunnel ca init --dir DIR)",
+        )
     for name in ("connect_timeout", "drain_timeout", "pool_idle_timeout", "reload_interval"):
         if getattr(s, name) <= 0:
             raise ConfigError("settings", name, "must be positive")

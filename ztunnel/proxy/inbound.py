@@ -16,11 +16,11 @@ from ztunnel.hbone.connection import HboneStream
 from ztunnel.hbone.headers import parse_authority
 from ztunnel.hbone.protocol import ConnectRequested
 from ztunnel.model import IPAddress, Service, Workload
-from ztunnel.state import MeshState
 from ztunnel.proxy.context import AuthzRequest, ProxyContext
 from ztunnel.proxy.records import ConnectionRecord
 from ztunnel.proxy.relay import TcpEnd, relay_stream, relay_tcp
 from ztunnel.proxy.sockets import connect_from
+from ztunnel.state import MeshState
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,12 @@ opposite direction keeps flowing until it ends too."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from ztunnel.hbone.connection import HboneStream, StreamClosed
 from ztunnel.proxy.records import ConnectionRecord, ConnectionTracker
@@ -25,21 +27,167 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 
 
-class TcpEnd:
-    """An application-facing TCP socket wrapped in asyncio streams."""
+LOW_WATER = 64 * 1024
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+
+class TcpEnd(asyncio.Protocol):
+    """An application-facing TCP connection.
+
+    Received chunks are queued as the transport delivered them (asyncio's StreamReader copies
+    every byte into a buffer and out again: the largest Python-level cost of a bulk relay
+    when profiled); reading pauses above `CHUNK` queued bytes, so a slow tunnel slows the
+    application; `drain` waits for transport space.
+    """
+
+    def __init__(self, on_ready: Callable[[TcpEnd], None] | None = None) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._lost: BaseException | None = None
+        self._closed = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed_waiter: asyncio.Future[None] | None = None
+        self._on_ready = on_ready
+        self.transport: asyncio.Transport | None = None
 
     @classmethod
     async def from_socket(cls, sock: socket.socket) -> TcpEnd:
-        reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
-        return cls(reader, writer)
+        """Wrap an already connected socket."""
+        loop = asyncio.get_running_loop()
+        end = cls()
+        await loop.connect_accepted_socket(lambda: end, sock)
+        return end
+
+    # ---- asyncio.Protocol ----
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._closed_waiter = asyncio.get_running_loop().create_future()
+        if self._on_ready is not None:
+            self._on_ready(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > CHUNK and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return True  # keep the write half open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._lost = exc
+        self._eof = True
+        self._wake_reader()
+        self._wake_drainers()
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_drainers()
+
+    # ---- reading ----
+
+    async def read(self) -> bytes:
+        """The next chunk as it arrived, or b"" at end of stream."""
+        while not self._chunks:
+            if self._eof:
+                if self._lost is not None:
+                    raise ConnectionResetError(str(self._lost))
+                return b""
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        data = self._chunks.popleft()
+        self._consumed(len(data))
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly `n` bytes (protocol negotiation); IncompleteReadError at end of stream."""
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            if not self._chunks:
+                if self._eof:
+                    raise asyncio.IncompleteReadError(b"".join(parts), n)
+                self._read_waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._read_waiter
+                finally:
+                    self._read_waiter = None
+                continue
+            chunk = self._chunks.popleft()
+            take = chunk[: n - got]
+            if len(take) < len(chunk):
+                self._chunks.appendleft(chunk[len(take) :])
+            self._consumed(len(take))
+            parts.append(take)
+            got += len(take)
+        return b"".join(parts)
+
+    def _consumed(self, n: int) -> None:
+        self._buffered -= n
+        if self._reading_paused and self._buffered <= LOW_WATER and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _wake_reader(self) -> None:
+        w = self._read_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # ---- writing ----
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._closed:
+            raise ConnectionResetError("connection closed")
+        if self._writing_paused:
+            w = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(w)
+            await w
+            if self._closed:
+                raise ConnectionResetError("connection closed")
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def can_write_eof(self) -> bool:
+        return self.transport is not None and not self._closed and self.transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        if self.can_write_eof():
+            assert self.transport is not None
+            self.transport.write_eof()
+
+    def extra(self, name: str) -> Any:
+        return self.transport.get_extra_info(name) if self.transport is not None else None
+
+    # ---- closing ----
 
     def abort(self) -> None:
-        transport = self.writer.transport
-        if not transport.is_closing():
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
             # RST, so the application sees a hard failure rather than a clean end.
             sock = transport.get_extra_info("socket")
             if sock is not None:
@@ -50,16 +198,18 @@ class TcpEnd:
             transport.abort()
 
     async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await asyncio.wait_for(self.writer.wait_closed(), 5)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        if self._closed_waiter is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._closed_waiter), 5)
 
 
 async def _app_to_stream(
     app: TcpEnd, stream: HboneStream, rec: ConnectionRecord, tracker: ByteCounter
 ) -> None:
     while True:
-        data = await app.reader.read(CHUNK)
+        data = await app.read()
         if not data:
             stream.end()
             return
@@ -73,11 +223,10 @@ async def _stream_to_app(
     while True:
         data = await stream.read()
         if not data:
-            if app.writer.can_write_eof():
-                app.writer.write_eof()
+            app.write_eof()
             return
-        app.writer.write(data)
-        await app.writer.drain()
+        app.write(data)
+        await app.drain()
         stream.ack(len(data))
         tracker.transferred(rec, 0, len(data))
 
@@ -114,13 +263,12 @@ async def relay_tcp(
 
     async def pipe(src: TcpEnd, dst: TcpEnd, forward: bool) -> None:
         while True:
-            data = await src.reader.read(CHUNK)
+            data = await src.read()
             if not data:
-                if dst.writer.can_write_eof():
-                    dst.writer.write_eof()
+                dst.write_eof()
                 return
-            dst.writer.write(data)
-            await dst.writer.drain()
+            dst.write(data)
+            await dst.drain()
             if forward:
                 tracker.transferred(rec, len(data), 0)
             else:

@@ -89,13 +89,13 @@ class Socks5Server:
         self.resolve = resolve
 
     async def _negotiate(self, app: TcpEnd) -> SocksRequest:
-        r = app.reader
+        r = app
         head = await r.readexactly(2)
         methods = await r.readexactly(head[1])
         if not parse_greeting(head + methods):
-            app.writer.write(bytes([VERSION, NO_ACCEPTABLE]))
+            app.write(bytes([VERSION, NO_ACCEPTABLE]))
             raise SocksError("client offers no acceptable authentication method", NOT_ALLOWED)
-        app.writer.write(bytes([VERSION, NO_AUTH]))
+        app.write(bytes([VERSION, NO_AUTH]))
         req_head = await r.readexactly(4)
         atyp = req_head[3]
         if atyp == ATYP_V4:
@@ -122,7 +122,7 @@ class Socks5Server:
         except SocksError as e:
             log.info("SOCKS5 from %s:%d: %s", src[0], src[1], e)
             if e.reply != NOT_ALLOWED:
-                app.writer.write(reply(e.reply))
+                app.write(reply(e.reply))
             await app.close()
             return
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, OSError):
@@ -138,9 +138,9 @@ class Socks5Server:
                 if e.response_flag == "DENY"
                 else (HOST_UNREACHABLE if e.response_flag == "NR" else REFUSED)
             )
-            app.writer.write(reply(code))
+            app.write(reply(code))
             await app.close()
             return
-        app.writer.write(reply(SUCCEEDED))
+        app.write(reply(SUCCEEDED))
         self.outbound.ctx.tracker.open(up.record)
         await self.outbound.relay(app, up)
