@@ -389,8 +389,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         await asyncio.gather(self.hbone.drain(grace), self.pool.close(grace))
-        while self.tracker.live and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await self.tracker.wait_empty(deadline - loop.time())
         for rec in list(self.tracker.live.values()):
             rec.close("agent shutting down")
         me = asyncio.current_task()

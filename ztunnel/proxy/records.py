@@ -6,6 +6,7 @@ byte counts while data flows.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import Callable
@@ -86,6 +87,7 @@ class ConnectionTracker:
         self.observer: Observer = observer or NullObserver()
         self.live: dict[int, ConnectionRecord] = {}
         self.total_opened = 0
+        self._empty_waiters: list[asyncio.Future[None]] = []
 
     def open(self, record: ConnectionRecord) -> None:
         self.live[record.id] = record
@@ -103,6 +105,23 @@ class ConnectionTracker:
         record.closed = True
         self.live.pop(record.id, None)
         self.observer.closed(record)
+        if not self.live:
+            for w in self._empty_waiters:
+                if not w.done():
+                    w.set_result(None)
+            self._empty_waiters.clear()
+
+    async def wait_empty(self, timeout: float) -> bool:
+        """Wait until no connection is live (drain); False if `timeout` passed first."""
+        if not self.live:
+            return True
+        w: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._empty_waiters.append(w)
+        try:
+            await asyncio.wait_for(w, max(0.0, timeout))
+        except TimeoutError:
+            return False
+        return True
 
     def counts(self) -> dict[str, int]:
         out = {"inbound": 0, "outbound": 0}
