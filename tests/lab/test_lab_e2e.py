@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -152,30 +151,53 @@ def test_denied_flow_gets_no_bytes_to_the_application(mesh_lab: Topology) -> Non
     assert out and out[-1].get("response_flags") == "DENY", recs
 
 
-def _capture(netns: str, iface: str, path: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        topo.netns_exec_argv(netns, ["tcpdump", "--immediate-mode", "-U", "-n", "-s", "0", "-i", iface, "-w",
-                                     str(path), "tcp"]),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    # tcpdump says "listening on" once the capture is live.
-    assert proc.stderr is not None
-    seen = []
-    for _ in range(10):
-        line = proc.stderr.readline().decode()
-        seen.append(line)
-        if "listening" in line or not line:
-            break
-    assert "listening" in seen[-1], seen
-    return proc
+class WireCapture:
+    """Every frame on every interface of a namespace, through a raw AF_PACKET socket opened
+    inside it (the lab's "wire" between nodes), kept in memory while the test runs."""
+
+    ETH_P_ALL = 0x0003
+
+    def __init__(self, netns: str) -> None:
+        import socket as _socket
+
+        self.sock = topo.call_in_netns(
+            netns,
+            lambda: _socket.socket(
+                _socket.AF_PACKET, _socket.SOCK_RAW, _socket.htons(self.ETH_P_ALL)
+            ),
+        )
+        self.sock.settimeout(0.1)
+        self.frames: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.frames.append(self.sock.recv(65535))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def seen(self, marker: bytes) -> bool:
+        return any(marker in f for f in list(self.frames))
+
+    def stop(self, expect: bytes) -> bytes:
+        """Stop once the frame we know was sent has been read, and return all bytes seen."""
+        topo.wait_until(lambda: self.seen(expect), 10)
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+        return b"\x00".join(self.frames)
 
 
 def test_wire_between_nodes_carries_only_tls_for_captured_traffic(
     mesh_lab: Topology, tmp_path: Path
 ) -> None:
     t, p = mesh_lab, pods(mesh_lab)
-    pcap = tmp_path / "wire.pcap"
-    proc = _capture(t.network_netns, "any", pcap)
+    cap = WireCapture(t.network_netns)
     secret = f"SECRET-MARKER-{os.getpid()}-{time.monotonic_ns()}"
     clear = f"CLEAR-MARKER-{os.getpid()}-{time.monotonic_ns()}"
     try:
@@ -184,10 +206,7 @@ def test_wire_between_nodes_carries_only_tls_for_captured_traffic(
         # Uncaptured traffic in the same capture: proves the check can see plaintext.
         assert call(t, "n0p2", str(p["n1p2"].ip), 8080, clear)["ok"]
     finally:
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(10)
-    wire = pcap.read_bytes()
+        wire = cap.stop(clear.encode())
     assert clear.encode() in wire, "the capture saw no plaintext at all: the check is blind"
     assert secret.encode() not in wire, "captured traffic crossed the wire in plaintext"
     # And it was TLS: a TLS 1.3 application-data record header (0x17 0x03 0x03) is present.
@@ -216,8 +235,7 @@ def test_agent_restart_keeps_enrolment_and_never_leaks_plaintext(
 ) -> None:
     t, p = mesh_lab, pods(mesh_lab)
     node = t.node("n1")
-    pcap = tmp_path / "restart.pcap"
-    proc = _capture(t.network_netns, "any", pcap)
+    cap = WireCapture(t.network_netns)
     marker = f"RESTART-MARKER-{time.monotonic_ns()}"
     results: list[tuple[float, bool]] = []
     stop = threading.Event()
@@ -254,10 +272,7 @@ def test_agent_restart_keeps_enrolment_and_never_leaks_plaintext(
     finally:
         stop.set()
         th.join(30)
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(10)
-    wire = pcap.read_bytes()
+        wire = cap.stop(f"CLEAR-{marker}".encode())
     assert f"CLEAR-{marker}".encode() in wire, "the capture is blind"
     assert marker.encode() not in wire.replace(f"CLEAR-{marker}".encode(), b"")
     # The new agent found the enrolment state (pinned maps and its state file).

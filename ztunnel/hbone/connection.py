@@ -37,6 +37,7 @@ class HboneStream:
     """One CONNECT tunnel: ordered bytes both ways, with half-close."""
 
     __slots__ = (
+        "_sink",
         "_conn",
         "_eof",
         "_error",
@@ -61,6 +62,7 @@ class HboneStream:
         self._eof = False
         self._sent_end = False
         self._error: BaseException | None = None
+        self._sink: Callable[[bytes], bool] | None = None
         self.request: p.ConnectRequested | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -159,8 +161,32 @@ class HboneStream:
 
     # ---- fed by the connection ----
 
+    def set_sink(self, sink: Callable[[bytes], bool] | None) -> None:
+        """Fast path: hand received data straight to `sink` (which returns False when it
+        cannot take it without buffering) instead of waking a reader task; whatever the
+        sink refuses queues for `read()` as usual, in order."""
+        self._sink = sink
+
+    def try_write(self, data: bytes) -> bool:
+        """Send all of `data` now if flow control and the transport allow it, else nothing."""
+        conn = self._conn
+        if (
+            self._error is not None
+            or self._sent_end
+            or self._window_waiter is not None
+            or conn._paused
+            or conn._proto.send_capacity(self.stream_id) < len(data)
+        ):
+            return False
+        n = conn.send_data(self.stream_id, memoryview(data))
+        self.bytes_sent += n
+        return True
+
     def _on_data(self, data: bytes, flow: int) -> None:
         self.bytes_received += len(data)
+        if self._sink is not None and not self._recv and self._sink(data):
+            self._conn.consumed(self.stream_id, flow)
+            return
         self._recv.append((data, flow))
         self._wake_reader()
 

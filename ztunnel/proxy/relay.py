@@ -51,6 +51,7 @@ class TcpEnd(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed_waiter: asyncio.Future[None] | None = None
         self._on_ready = on_ready
+        self._sink: Callable[[bytes], bool] | None = None
         self.transport: asyncio.Transport | None = None
 
     @classmethod
@@ -69,7 +70,21 @@ class TcpEnd(asyncio.Protocol):
         if self._on_ready is not None:
             self._on_ready(self)
 
+    def set_sink(self, sink: Callable[[bytes], bool] | None) -> None:
+        """Fast path: offer received data to `sink` first (it returns False when it cannot
+        take it now); refused data queues for `read()`, in order."""
+        self._sink = sink
+
+    def try_write(self, data: bytes) -> bool:
+        """Write now unless the transport is applying backpressure or gone."""
+        if self._writing_paused or self._closed or self.transport is None:
+            return False
+        self.transport.write(data)
+        return True
+
     def data_received(self, data: bytes) -> None:
+        if self._sink is not None and not self._chunks and self._sink(data):
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > CHUNK and not self._reading_paused and self.transport is not None:
@@ -244,10 +259,32 @@ async def relay_stream(
     outbound side, from the tunnel into the app on the inbound side.
     """
     rec_tracker: ByteCounter = tracker if app_is_client else _Swapped(tracker)
+
+    # Fast paths: while neither side pushes back, bytes go straight from one protocol
+    # callback to the other, with no task wake-up per chunk (latency and CPU); the tasks
+    # below carry whatever had to wait, and the ends of stream.
+    def to_stream(data: bytes) -> bool:
+        if stream.try_write(data):
+            rec_tracker.transferred(rec, len(data), 0)
+            return True
+        return False
+
+    def to_app(data: bytes) -> bool:
+        if app.try_write(data):
+            rec_tracker.transferred(rec, 0, len(data))
+            return True
+        return False
+
+    app.set_sink(to_stream)
+    stream.set_sink(to_app)
     up = asyncio.ensure_future(_app_to_stream(app, stream, rec, rec_tracker))
     down = asyncio.ensure_future(_stream_to_app(stream, app, rec, rec_tracker))
     rec.set_closer(lambda reason: _cancel(up, down))
-    await _join(up, down, rec)
+    try:
+        await _join(up, down, rec)
+    finally:
+        app.set_sink(None)
+        stream.set_sink(None)
     if rec.error:
         stream.reset()
         app.abort()
@@ -274,10 +311,28 @@ async def relay_tcp(
             else:
                 tracker.transferred(rec, 0, len(data))
 
+    def sink(dst: TcpEnd, forward: bool) -> Callable[[bytes], bool]:
+        def take(data: bytes) -> bool:
+            if not dst.try_write(data):
+                return False
+            if forward:
+                tracker.transferred(rec, len(data), 0)
+            else:
+                tracker.transferred(rec, 0, len(data))
+            return True
+
+        return take
+
+    client.set_sink(sink(server, True))
+    server.set_sink(sink(client, False))
     up = asyncio.ensure_future(pipe(client, server, True))
     down = asyncio.ensure_future(pipe(server, client, False))
     rec.set_closer(lambda reason: _cancel(up, down))
-    await _join(up, down, rec)
+    try:
+        await _join(up, down, rec)
+    finally:
+        client.set_sink(None)
+        server.set_sink(None)
     if rec.error:
         client.abort()
         server.abort()
