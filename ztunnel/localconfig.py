@@ -310,8 +310,9 @@ def parse_documents(
         file, path = origins[n]
         if w.uid in seen_uid:
             first = workloads[seen_uid[w.uid]]
-            raise ConfigError(file, f"{path}.uid",
-                              f"duplicate uid {w.uid!r} (also workload {first.name!r})")
+            raise ConfigError(
+                file, f"{path}.uid", f"duplicate uid {w.uid!r} (also workload {first.name!r})"
+            )
         seen_uid[w.uid] = n
         for k, ip in enumerate(w.addresses):
             if ip in seen_ip:

@@ -17,8 +17,15 @@ import pytest
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(150)]
 
-FIGURES = ("bulk1_gbps", "bulk8_gbps", "rr_max_rps", "lat_p50_us", "lat_p90_us", "lat_p99_us",
-           "cps")
+FIGURES = (
+    "bulk1_gbps",
+    "bulk8_gbps",
+    "rr_max_rps",
+    "lat_p50_us",
+    "lat_p90_us",
+    "lat_p99_us",
+    "cps",
+)
 
 
 def _lab_namespaces() -> set[str]:
@@ -31,16 +38,38 @@ def test_quick_bench_writes_well_formed_results(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("the benchmark needs root (network namespaces, eBPF, nftables)")
     done = subprocess.run(
-        [sys.executable, "-m", "ztunnel", "bench", "--quick", "--out", str(tmp_path),
-         "--no-readme"],
-        capture_output=True, text=True, timeout=140, check=False,
+        [
+            sys.executable,
+            "-m",
+            "ztunnel",
+            "bench",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--no-readme",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=140,
+        check=False,
     )
     log = done.stdout[-4000:] + done.stderr[-2000:]
     assert done.returncode in (0, 1), log  # 1: some measurement failed (recorded below)
 
     results = json.loads((tmp_path / "latest.json").read_text())
-    for key in ("machine", "plan", "scenarios", "summary", "ratios", "capture_comparison",
-                "idle_rss_bytes", "memory", "targets", "errors", "raw"):
+    for key in (
+        "machine",
+        "plan",
+        "scenarios",
+        "summary",
+        "ratios",
+        "capture_comparison",
+        "idle_rss_bytes",
+        "memory",
+        "targets",
+        "errors",
+        "raw",
+    ):
         assert key in results, key
     for key in ("cpu_model", "cores", "kernel", "python", "date"):
         assert results["machine"][key], key
@@ -66,8 +95,7 @@ def test_quick_bench_writes_well_formed_results(tmp_path: Path) -> None:
     assert all(v > 0 for v in results["idle_rss_bytes"]["ebpf"].values())
     mem = results["memory"]["mesh"]
     assert mem["connections"] > 0 and mem["bytes_per_connection_total"] > 0, mem
-    assert {t["target"] for t in results["targets"]} and all(
-        "met" in t for t in results["targets"])
+    assert {t["target"] for t in results["targets"]} and all("met" in t for t in results["targets"])
 
     png = tmp_path / "latest.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

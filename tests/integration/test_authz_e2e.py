@@ -36,7 +36,10 @@ async def echo_once(mesh: Mesh, dest: str, port: int = 8080) -> bytes:
 
 
 ALLOW_ONLY_OTHER = {
-    "name": "allow-only-admin", "namespace": "shop", "scope": "Namespace", "action": "Allow",
+    "name": "allow-only-admin",
+    "namespace": "shop",
+    "scope": "Namespace",
+    "action": "Allow",
     "rules": [[[{"principals": ["cluster.local/ns/admin/sa/ops"]}]]],
 }
 
@@ -49,8 +52,8 @@ async def test_denied_stream_gets_401_and_the_application_never_accepts(mesh: Me
         await mesh.socks(mesh.echo_b, 8080)
     assert exc.value.code == 2  # SOCKS5 "not allowed by ruleset" <- HBONE 401
     # Raw HBONE client: the status on the stream is 401.
-    from ztunnel.errors import ConnectRejected
     from tests.integration.conftest import WEB
+    from ztunnel.errors import ConnectRejected
 
     with pytest.raises(ConnectRejected) as rej:
         await mesh.hbone(mesh.issue(WEB), f"{mesh.echo_b}:8080")
@@ -59,10 +62,18 @@ async def test_denied_stream_gets_401_and_the_application_never_accepts(mesh: Me
 
 
 async def test_allowed_traffic_flows_with_a_matching_allow_policy(mesh: Mesh) -> None:
-    write_policies(mesh, [{
-        "name": "allow-web", "namespace": "shop", "scope": "Namespace", "action": "Allow",
-        "rules": [[[{"principals": ["cluster.local/ns/frontend/sa/web"]}]]],
-    }])
+    write_policies(
+        mesh,
+        [
+            {
+                "name": "allow-web",
+                "namespace": "shop",
+                "scope": "Namespace",
+                "action": "Allow",
+                "rules": [[[{"principals": ["cluster.local/ns/frontend/sa/web"]}]]],
+            }
+        ],
+    )
     await wait_policies(mesh, 1)
     assert await echo_once(mesh, mesh.echo_b) == b"ping"
 
@@ -80,14 +91,16 @@ async def test_policy_added_while_connected_closes_the_live_connection(mesh: Mes
     except ConnectionResetError:
         data = b""
     assert data == b""
-    await async_wait_for(lambda: not [
-        rec for rec in mesh.b.tracker.live.values() if rec.direction == "inbound"], 5)
+    await async_wait_for(
+        lambda: not [rec for rec in mesh.b.tracker.live.values() if rec.direction == "inbound"], 5
+    )
     w.close()
 
 
 async def test_peer_authentication_strict_denies_plaintext_but_allows_mtls(mesh: Mesh) -> None:
     strict = {
-        "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
         "metadata": {"name": "strict", "namespace": "shop"},
         "spec": {"mtls": {"mode": "STRICT"}},
     }
@@ -111,16 +124,24 @@ def _plaintext_request(mesh: Mesh) -> Any:
 
     wl = mesh.b.store.current.workload_by_ip(mesh.echo_b)
     assert wl is not None
-    return AuthzRequest(None, ipaddress.ip_address(mesh.ip(12)),
-                        ipaddress.ip_address(mesh.echo_b), 8080, wl)
+    return AuthzRequest(
+        None, ipaddress.ip_address(mesh.ip(12)), ipaddress.ip_address(mesh.echo_b), 8080, wl
+    )
 
 
 async def test_malformed_policy_keeps_the_previous_policies(mesh: Mesh) -> None:
     write_policies(mesh, [ALLOW_ONLY_OTHER])
     await wait_policies(mesh, 1)
     cfg = mesh_config(mesh.net)
-    cfg["policies"] = [{"name": "broken", "namespace": "shop", "scope": "Namespace",
-                        "action": "Allow", "rules": [[[{"sourceIps": ["not-a-cidr"]}]]]}]
+    cfg["policies"] = [
+        {
+            "name": "broken",
+            "namespace": "shop",
+            "scope": "Namespace",
+            "action": "Allow",
+            "rules": [[[{"sourceIps": ["not-a-cidr"]}]]],
+        }
+    ]
     mesh.mesh_file.write_text(yaml.safe_dump(cfg))
     await async_wait_for(lambda: mesh.b.store.last_error is not None, 10)
     err = mesh.b.store.last_error or ""
@@ -137,6 +158,7 @@ async def test_ctl_check_explains_through_the_agent(mesh: Mesh) -> None:
     res = mesh.b.explain_authorization("client-a", f"{mesh.echo_b}:8080")
     assert res["allowed"] is False
     assert "shop/allow-only-admin" in res["text"]
-    res = mesh.b.explain_authorization("spiffe://cluster.local/ns/admin/sa/ops",
-                                       f"{mesh.echo_b}:8080")
+    res = mesh.b.explain_authorization(
+        "spiffe://cluster.local/ns/admin/sa/ops", f"{mesh.echo_b}:8080"
+    )
     assert res["allowed"] is True

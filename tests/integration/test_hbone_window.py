@@ -61,8 +61,9 @@ async def test_reset_streams_with_unread_data_do_not_leak_the_connection_window(
         for _ in range(4):
             s = await pool.open_stream(key, ConnectRequest(f"{ip}:1"))
             await asyncio.wait_for(s.write(bytes(4 * MiB)), 10)
-        await async_wait_for(lambda: len(held) == 4 and all(
-            h.bytes_received == 4 * MiB for h in held), 10)
+        await async_wait_for(
+            lambda: len(held) == 4 and all(h.bytes_received == 4 * MiB for h in held), 10
+        )
         # ...then the server gives up on them.
         for h in held:
             h.reset()

@@ -37,8 +37,9 @@ def pods(t: Topology) -> dict[str, Any]:
     return {p.name: p for p in t.pods()}
 
 
-def access_after(t: Topology, offsets: dict[str, int], want: int = 1,
-                 timeout: float = 3.0) -> dict[str, list[dict[str, Any]]]:
+def access_after(
+    t: Topology, offsets: dict[str, int], want: int = 1, timeout: float = 3.0
+) -> dict[str, list[dict[str, Any]]]:
     """Access-log records written since `offsets`, waiting for at least `want` in total."""
     deadline = time.monotonic() + timeout
     while True:
@@ -245,8 +246,7 @@ def test_agent_restart_keeps_enrolment_and_never_leaks_plaintext(
         for _ in range(300):
             if stop.is_set():
                 return
-            r = runner.call_from(t.pod("n0p0").netns, str(p["n1p1"].ip), 8080, marker,
-                                 timeout=1.0)
+            r = runner.call_from(t.pod("n0p0").netns, str(p["n1p1"].ip), 8080, marker, timeout=1.0)
             results.append((time.monotonic(), bool(r.get("ok"))))
 
     th = threading.Thread(target=traffic, daemon=True)
@@ -262,9 +262,9 @@ def test_agent_restart_keeps_enrolment_and_never_leaks_plaintext(
         runner.start_agent(t, node)
         runner.wait_agent(t, node)
         up_at = time.monotonic()
-        assert topo.wait_until(
-            lambda: any(ok for ts, ok in results if ts > up_at), 15
-        ), "no connection succeeded after the agent restart"
+        assert topo.wait_until(lambda: any(ok for ts, ok in results if ts > up_at), 15), (
+            "no connection succeeded after the agent restart"
+        )
         recovered = min(ts for ts, ok in results if ok and ts > up_at) - up_at
         assert recovered < 10, recovered
         clear = f"CLEAR-{marker}"
@@ -292,27 +292,36 @@ def test_lab_down_leaves_nothing_behind() -> None:
     for pid in pids:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(
-            f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
+        )
 
 
 def test_lab_cli_status_and_down(tmp_path: Path) -> None:
     import sys
 
     py = [sys.executable, "-m", "ztunnel", "lab"]
-    up = subprocess.run([*py, "up", "--nodes", "2", "--pods", "3"], capture_output=True,
-                        text=True, timeout=180, check=False)
+    up = subprocess.run(
+        [*py, "up", "--nodes", "2", "--pods", "3"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert up.returncode == 0, up.stderr
     lab_id = up.stdout.strip().splitlines()[-1].split()[1]
     try:
-        st = subprocess.run([*py, "status"], capture_output=True, text=True, timeout=60,
-                            check=False)
+        st = subprocess.run(
+            [*py, "status"], capture_output=True, text=True, timeout=60, check=False
+        )
         assert st.returncode == 0, st.stderr
         assert f"lab {lab_id}" in st.stdout and "running, ready" in st.stdout
         assert "shop/n0p1" in st.stdout and "legacy" not in st.stdout.split("enrolled:")[1]
     finally:
-        down = subprocess.run([*py, "down", "--lab", lab_id], capture_output=True, text=True,
-                              timeout=120, check=False)
+        down = subprocess.run(
+            [*py, "down", "--lab", lab_id], capture_output=True, text=True, timeout=120, check=False
+        )
     assert down.returncode == 0, down.stderr
     assert not [n for n in topo.list_netns() if n.startswith(f"{lab_id}-")]
     json.dumps({})  # keep the import used for readability of failures
@@ -325,9 +334,12 @@ def test_strict_mtls_refuses_plaintext_and_ctl_check_explains(mesh_lab: Topology
 
     t, p = mesh_lab, pods(mesh_lab)
     mesh_file = runner.lab_dir(t.lab_id) / "mesh.yaml"
-    strict = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
-              "metadata": {"name": "strict", "namespace": "shop"},
-              "spec": {"mtls": {"mode": "STRICT"}}}
+    strict = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "shop"},
+        "spec": {"mtls": {"mode": "STRICT"}},
+    }
     original = mesh_file.read_text()
     try:
         mesh_file.write_text(yaml.safe_dump_all([runner.mesh_state(t), strict]))
@@ -339,10 +351,15 @@ def test_strict_mtls_refuses_plaintext_and_ctl_check_explains(mesh_lab: Topology
         assert call(t, "n1p0", str(p["n0p1"].ip), 8080, "mtls")["ok"]
         ctl = [sys.executable, "-m", "ztunnel", "ctl", "check"]
         denied = subprocess.run(
-            topo.netns_exec_argv(t.node("n0").netns,
-                                 [*ctl, "--from", str(p["n1p2"].ip), "--to",
-                                  f"{p['n0p1'].ip}:8080"]),
-            capture_output=True, text=True, timeout=30, check=False)
+            topo.netns_exec_argv(
+                t.node("n0").netns,
+                [*ctl, "--from", str(p["n1p2"].ip), "--to", f"{p['n0p1'].ip}:8080"],
+            ),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert denied.returncode == 3, denied.stdout + denied.stderr
         assert "DENY" in denied.stdout and "plaintext" in denied.stdout
     finally:

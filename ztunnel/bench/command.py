@@ -26,24 +26,48 @@ def add_parser(sub: Any) -> None:
         "writes JSON and a PNG chart to the output directory and, after a full run, the "
         "README's Benchmarks table.",
     )
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny durations, one repetition, fewer scenarios (< 1 min)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny durations, one repetition, fewer scenarios (< 1 min)",
+    )
     p.add_argument("--reps", type=int, default=None, help="repetitions (median over them)")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="duration of each measurement (bulk rounds up to whole seconds)")
-    p.add_argument("--scenarios", default=None,
-                   help="comma-separated subset of: direct, direct-same, stunnel, mesh, "
-                   "mesh-same, tproxy, tproxy-same, mesh-asyncio")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="duration of each measurement (bulk rounds up to whole seconds)",
+    )
+    p.add_argument(
+        "--scenarios",
+        default=None,
+        help="comma-separated subset of: direct, direct-same, stunnel, mesh, "
+        "mesh-same, tproxy, tproxy-same, mesh-asyncio",
+    )
     p.add_argument("--rate", type=float, default=None, help="req/s of the latency test")
-    p.add_argument("--memory-conns", type=int, default=None,
-                   help="idle connections of the memory test (default 10000; 0 skips it)")
-    p.add_argument("--out", default=None, help=f"output directory (default {RESULTS_DIR}, "
-                   "or its quick/ subdirectory with --quick)")
-    p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=None,
-                   help="rewrite the README's Benchmarks table (default: after full runs)")
-    p.add_argument("--profile", action="store_true",
-                   help="also sample the agents with py-spy under bulk, max-rate and "
-                   "new-connection load (mesh scenario)")
+    p.add_argument(
+        "--memory-conns",
+        type=int,
+        default=None,
+        help="idle connections of the memory test (default 10000; 0 skips it)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"output directory (default {RESULTS_DIR}, or its quick/ subdirectory with --quick)",
+    )
+    p.add_argument(
+        "--readme",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rewrite the README's Benchmarks table (default: after full runs)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also sample the agents with py-spy under bulk, max-rate and "
+        "new-connection load (mesh scenario)",
+    )
     p.set_defaults(func=main)
 
 
@@ -105,9 +129,11 @@ def main(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"  [{time.monotonic() - started:5.1f}s] {msg}", flush=True)
 
-    print(f"ztunnel bench{' --quick' if plan.quick else ''}: scenarios "
-          f"{', '.join(plan.scenarios)}; {plan.reps} repetition(s); results in {out}",
-          flush=True)
+    print(
+        f"ztunnel bench{' --quick' if plan.quick else ''}: scenarios "
+        f"{', '.join(plan.scenarios)}; {plan.reps} repetition(s); results in {out}",
+        flush=True,
+    )
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     run = Run(plan, out, progress)
     failed = False
@@ -137,8 +163,10 @@ def main(args: argparse.Namespace) -> int:
     (out / "latest.txt").write_text(text + "\n")
     print()
     print(text)
-    print(f"\nwrote {out / 'latest.json'}, {out / 'latest.png'}, {out / 'latest.txt'} "
-          f"in {results['elapsed_s']:.0f}s")
+    print(
+        f"\nwrote {out / 'latest.json'}, {out / 'latest.png'}, {out / 'latest.txt'} "
+        f"in {results['elapsed_s']:.0f}s"
+    )
     write_readme = args.readme if args.readme is not None else not plan.quick
     if write_readme and not failed and results["summary"]:
         report.update_readme(README, report.readme_section(results))

@@ -95,8 +95,14 @@ def _start_agent(t: Topology, node: NodeSpec, capture: str, event_loop: str) -> 
     nd = runner.lab_dir(t.lab_id) / node.name
     nd.mkdir(parents=True, exist_ok=True)
     with open(nd / "agent.log", "ab") as log:
-        proc = topo.popen_in_netns(node.netns, argv, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = topo.popen_in_netns(
+            node.netns,
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     (nd / "agent.pid").write_text(str(proc.pid))
     return proc.pid
 
@@ -110,17 +116,24 @@ def _install_tproxy(lab: BenchLab, node: NodeSpec) -> None:
         uplink=node.uplink_ifname,
         mark=TPROXY_LOCAL_MARK,
     )
-    tools.install_tproxy(node.netns, ruleset, lab.workdir / f"tproxy-{node.name}.nft",
-                         TPROXY_LOCAL_MARK, TPROXY_ROUTE_TABLE)
+    tools.install_tproxy(
+        node.netns,
+        ruleset,
+        lab.workdir / f"tproxy-{node.name}.nft",
+        TPROXY_LOCAL_MARK,
+        TPROXY_ROUTE_TABLE,
+    )
 
 
 def _start_servers(lab: BenchLab, loadgen: LoadGen) -> None:
     for same in (True, False):
         pod = lab.server(same)
-        lab.processes.start(pod.netns, loadgen.server_argv(RR_PORT),
-                            lab.workdir / f"loadgen-{pod.name}.log")
-        lab.processes.start(pod.netns, tools.iperf3_server_argv(IPERF_PORT),
-                            lab.workdir / f"iperf3-{pod.name}.log")
+        lab.processes.start(
+            pod.netns, loadgen.server_argv(RR_PORT), lab.workdir / f"loadgen-{pod.name}.log"
+        )
+        lab.processes.start(
+            pod.netns, tools.iperf3_server_argv(IPERF_PORT), lab.workdir / f"iperf3-{pod.name}.log"
+        )
     for same in (True, False):
         pod = lab.server(same)
         for port in (RR_PORT, IPERF_PORT):
@@ -133,28 +146,52 @@ def _start_stunnel(lab: BenchLab) -> None:
     server_pod = lab.server(False)
     ca = CertificateAuthority.create("cluster.local")
     sides = {
-        "client": (n0, [StunnelService(k, f"{n0.ip}:{STUNNEL_ACCEPT[k]}",
-                                       f"{n1.ip}:{STUNNEL_PEER[k]}") for k in STUNNEL_ACCEPT]),
-        "server": (n1, [StunnelService(k, f"{n1.ip}:{STUNNEL_PEER[k]}",
-                                       f"{server_pod.ip}:{RR_PORT if k == 'rr' else IPERF_PORT}")
-                        for k in STUNNEL_ACCEPT]),
+        "client": (
+            n0,
+            [
+                StunnelService(k, f"{n0.ip}:{STUNNEL_ACCEPT[k]}", f"{n1.ip}:{STUNNEL_PEER[k]}")
+                for k in STUNNEL_ACCEPT
+            ],
+        ),
+        "server": (
+            n1,
+            [
+                StunnelService(
+                    k,
+                    f"{n1.ip}:{STUNNEL_PEER[k]}",
+                    f"{server_pod.ip}:{RR_PORT if k == 'rr' else IPERF_PORT}",
+                )
+                for k in STUNNEL_ACCEPT
+            ],
+        ),
     }
     for side, (node, services) in sides.items():
         cert_dir = lab.workdir / f"stunnel-{side}"
-        write_workload_files(ca.issue(SpiffeId.parse(f"spiffe://cluster.local/ns/bench/sa/"
-                                                     f"stunnel-{side}")), cert_dir)
+        write_workload_files(
+            ca.issue(SpiffeId.parse(f"spiffe://cluster.local/ns/bench/sa/stunnel-{side}")), cert_dir
+        )
         conf = lab.workdir / f"stunnel-{side}.conf"
-        conf.write_text(tools.stunnel_config(side == "client", services, cert_dir,
-                                             lab.workdir / f"stunnel-{side}.log"))
-        proc = lab.processes.start(node.netns, ["stunnel", str(conf)],
-                                   lab.workdir / f"stunnel-{side}.out")
+        conf.write_text(
+            tools.stunnel_config(
+                side == "client", services, cert_dir, lab.workdir / f"stunnel-{side}.log"
+            )
+        )
+        proc = lab.processes.start(
+            node.netns, ["stunnel", str(conf)], lab.workdir / f"stunnel-{side}.out"
+        )
         lab.stunnel[side] = proc.pid
     for port in STUNNEL_ACCEPT.values():
         tools.wait_port(lab.client().netns, str(n0.ip), port)
 
 
-def build(name: str, capture: str | None, event_loop: str, loadgen: LoadGen,
-          progress: runner.Progress, failure_logs: Path) -> BenchLab:
+def build(
+    name: str,
+    capture: str | None,
+    event_loop: str,
+    loadgen: LoadGen,
+    progress: runner.Progress,
+    failure_logs: Path,
+) -> BenchLab:
     """A fresh lab with servers running (and agents, stunnel or rules as its kind needs)."""
     t = topo.create(2, 2)
     workdir = runner.lab_dir(t.lab_id) / "bench"
@@ -182,11 +219,16 @@ def build(name: str, capture: str | None, event_loop: str, loadgen: LoadGen,
         _start_servers(lab, loadgen)
         if capture is None:
             _start_stunnel(lab)
-        progress(f"lab {name} ({t.lab_id}) is up"
-                 + (f": agents {capture}/{event_loop}, pids "
-                    + ", ".join(f"{k}={v}" for k, v in lab.agents.items()) if capture else
-                    ": no mesh; stunnel pids "
-                    + ", ".join(f"{k}={v}" for k, v in lab.stunnel.items())))
+        progress(
+            f"lab {name} ({t.lab_id}) is up"
+            + (
+                f": agents {capture}/{event_loop}, pids "
+                + ", ".join(f"{k}={v}" for k, v in lab.agents.items())
+                if capture
+                else ": no mesh; stunnel pids "
+                + ", ".join(f"{k}={v}" for k, v in lab.stunnel.items())
+            )
+        )
     except BaseException:
         with contextlib.suppress(Exception):
             lab.save_logs(failure_logs / f"failed-{name}-{t.lab_id}")

@@ -71,8 +71,12 @@ class CpuWindow:
 
     @classmethod
     def open(cls, pids: Mapping[str, int]) -> CpuWindow:
-        return cls(time.monotonic(), {k: cpu_seconds(p) for k, p in pids.items()}, dict(pids),
-                   _system_ticks())
+        return cls(
+            time.monotonic(),
+            {k: cpu_seconds(p) for k, p in pids.items()},
+            dict(pids),
+            _system_ticks(),
+        )
 
     def machine(self) -> dict[str, float]:
         """The whole machine over the window: busy vCPU (everything: our processes, the
@@ -80,14 +84,17 @@ class CpuWindow:
         hypervisor. Call before `close`."""
         wall = max(time.monotonic() - self.start_wall, 1e-6)
         busy, steal = _system_ticks()
-        return {"busy_vcpu": round((busy - self.start_system[0]) / CLK_TCK / wall, 3),
-                "steal_vcpu": round((steal - self.start_system[1]) / CLK_TCK / wall, 3)}
+        return {
+            "busy_vcpu": round((busy - self.start_system[0]) / CLK_TCK / wall, 3),
+            "steal_vcpu": round((steal - self.start_system[1]) / CLK_TCK / wall, 3),
+        }
 
     def close(self) -> dict[str, float]:
         """vCPU used by each process over the window (1.0 = one core busy all the time)."""
         wall = max(time.monotonic() - self.start_wall, 1e-6)
-        return {k: round((cpu_seconds(p) - self.start_cpu[k]) / wall, 4)
-                for k, p in self.pids.items()}
+        return {
+            k: round((cpu_seconds(p) - self.start_cpu[k]) / wall, 4) for k, p in self.pids.items()
+        }
 
 
 def rss_of(pids: Mapping[str, int]) -> dict[str, int]:

@@ -26,8 +26,20 @@ def start(pid: int, seconds: float, out: Path, native: bool = False) -> subproce
     if exe is None:
         raise FileNotFoundError("py-spy is not installed (.venv/bin/pip install py-spy)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    argv = [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-            "--rate", "200", "--format", "raw", "--output", str(out)]
+    argv = [
+        exe,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, round(seconds))),
+        "--rate",
+        "200",
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+    ]
     # Native frames (inside uvloop, OpenSSL, the interpreter) need the process paused per
     # sample; Python-only sampling does not pause it.
     argv.append("--native" if native else "--nonblocking")
@@ -62,8 +74,14 @@ def _function(frame: str) -> str:
 
 # Frames every sample has (the interpreter's entry, `ztunnel run`, the loop's run call): left
 # out of the inclusive ranking, where they would only say "100%".
-_ENTRY_FRAMES = ("<frozen runpy>", "ztunnel/__main__.py", "ztunnel/cli.py", "uvloop/__init__.py",
-                 "asyncio/runners.py", "asyncio/base_events.py")
+_ENTRY_FRAMES = (
+    "<frozen runpy>",
+    "ztunnel/__main__.py",
+    "ztunnel/cli.py",
+    "uvloop/__init__.py",
+    "asyncio/runners.py",
+    "asyncio/base_events.py",
+)
 # A sample whose innermost Python frame is the loop's run call is in the event loop's native
 # code: uvloop (libuv, socket syscalls, epoll) or asyncio's selector.
 _LOOP_NATIVE = "event loop (native: uvloop/libuv, syscalls)"
@@ -113,5 +131,9 @@ def summarise(raw: Path, top: int = 15) -> dict[str, Any]:
     def shares(counter: Counter[str]) -> list[dict[str, Any]]:
         return [{"function": f, "share": round(c / total, 4)} for f, c in counter.most_common(top)]
 
-    return {"samples": total, "own": shares(own), "inclusive": shares(incl),
-            "own_by_package": shares(packages)}
+    return {
+        "samples": total,
+        "own": shares(own),
+        "inclusive": shares(incl),
+        "own_by_package": shares(packages),
+    }

@@ -34,41 +34,69 @@ def _agent_cpu(s: dict[str, Any]) -> str:
 
 
 def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["scenario", "bulk 1c Gb/s", "bulk 8c Gb/s", "req/s max", "p50 us", "p90 us",
-              "p99 us", "+p50 us", "conn/s", "vCPU/1k req/s", "bulk1 vs stunnel",
-              "conn/s vs stunnel"]
+    header = [
+        "scenario",
+        "bulk 1c Gb/s",
+        "bulk 8c Gb/s",
+        "req/s max",
+        "p50 us",
+        "p90 us",
+        "p99 us",
+        "+p50 us",
+        "conn/s",
+        "vCPU/1k req/s",
+        "bulk1 vs stunnel",
+        "conn/s vs stunnel",
+    ]
     out = []
     for name in results["plan"]["scenarios"]:
         s = results["summary"].get(name)
         if s is None:
             continue
         r = results["ratios"].get(name, {})
-        out.append([
-            name,
-            _fmt(s.get("bulk1_gbps")), _fmt(s.get("bulk8_gbps")),
-            _fmt(s.get("rr_max_rps"), ",.0f"),
-            _fmt(s.get("lat_p50_us"), ".0f"), _fmt(s.get("lat_p90_us"), ".0f"),
-            _fmt(s.get("lat_p99_us"), ".0f"), _fmt(r.get("added_p50_us"), "+.0f"),
-            _fmt(s.get("cps"), ",.0f"), _agent_cpu(s),
-            _x(r.get("bulk1_gbps_vs_stunnel")), _x(r.get("cps_vs_stunnel")),
-        ])
+        out.append(
+            [
+                name,
+                _fmt(s.get("bulk1_gbps")),
+                _fmt(s.get("bulk8_gbps")),
+                _fmt(s.get("rr_max_rps"), ",.0f"),
+                _fmt(s.get("lat_p50_us"), ".0f"),
+                _fmt(s.get("lat_p90_us"), ".0f"),
+                _fmt(s.get("lat_p99_us"), ".0f"),
+                _fmt(r.get("added_p50_us"), "+.0f"),
+                _fmt(s.get("cps"), ",.0f"),
+                _agent_cpu(s),
+                _x(r.get("bulk1_gbps_vs_stunnel")),
+                _x(r.get("cps_vs_stunnel")),
+            ]
+        )
     return header, out
 
 
 def text_table(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w)
-                       for i, (c, w) in enumerate(zip(header, widths, strict=True)))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(header, widths, strict=True))
+        )
+    ]
     lines.append("  ".join("-" * w for w in widths))
     for r in body:
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
     return "\n".join(lines)
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines)
 
@@ -77,14 +105,18 @@ def memory_lines(results: dict[str, Any]) -> list[str]:
     out = []
     for lab, rss in results.get("idle_rss_bytes", {}).items():
         if rss:
-            out.append(f"idle RSS ({lab}): " + ", ".join(
-                f"{k} {v / 2**20:.1f} MB" for k, v in rss.items()))
+            out.append(
+                f"idle RSS ({lab}): " + ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in rss.items())
+            )
     for name, m in results.get("memory", {}).items():
         per = m.get("bytes_per_connection", {})
         out.append(
             f"{m.get('connections')} idle connections through {name}: "
-            + ", ".join(f"{k} +{(m['rss_with_connections'][k] - m['rss_before'][k]) / 2**20:.1f}"
-                        f" MB ({_fmt(v, ',.0f')} B/conn)" for k, v in per.items())
+            + ", ".join(
+                f"{k} +{(m['rss_with_connections'][k] - m['rss_before'][k]) / 2**20:.1f}"
+                f" MB ({_fmt(v, ',.0f')} B/conn)"
+                for k, v in per.items()
+            )
             + f"; total {_fmt(m.get('bytes_per_connection_total'), ',.0f')} B per connection"
         )
     return out
@@ -93,9 +125,11 @@ def memory_lines(results: dict[str, Any]) -> list[str]:
 def capture_lines(results: dict[str, Any]) -> list[str]:
     out = []
     for k, c in results.get("capture_comparison", {}).items():
-        out.append(f"{k}: bulk1 {_x(c.get('bulk1_ratio'))}, bulk8 {_x(c.get('bulk8_ratio'))}, "
-                   f"req/s {_x(c.get('rr_max_ratio'))}, conn/s {_x(c.get('cps_ratio'))}, "
-                   f"p50 {_fmt(c.get('p50_diff_us'), '+.0f')} us")
+        out.append(
+            f"{k}: bulk1 {_x(c.get('bulk1_ratio'))}, bulk8 {_x(c.get('bulk8_ratio'))}, "
+            f"req/s {_x(c.get('rr_max_ratio'))}, conn/s {_x(c.get('cps_ratio'))}, "
+            f"p50 {_fmt(c.get('p50_diff_us'), '+.0f')} us"
+        )
     return out
 
 
@@ -107,8 +141,10 @@ def profile_lines(results: dict[str, Any]) -> list[str]:
             for proc, prof in entry.items():
                 if not isinstance(prof, dict) or not prof.get("samples"):
                     continue
-                top = ", ".join(f"{p['function']} {100 * p['share']:.0f}%"
-                                for p in prof.get("own_by_package", [])[:6])
+                top = ", ".join(
+                    f"{p['function']} {100 * p['share']:.0f}%"
+                    for p in prof.get("own_by_package", [])[:6]
+                )
                 out.append(f"{scenario} {entry['figure']} {proc}: {top}")
     return out
 
@@ -128,9 +164,11 @@ def target_lines(results: dict[str, Any]) -> list[str]:
 
 def machine_line(results: dict[str, Any]) -> str:
     m = results["machine"]
-    return (f"{m['date']}; {m['cpu_model']}, {m['cores']} cores, "
-            f"{m['memory_bytes'] / 2**30:.0f} GiB; kernel {m['kernel']}; Python {m['python']}, "
-            f"uvloop {m['uvloop']}; {m['openssl']}; {m['stunnel'].split(' on ')[0]}")
+    return (
+        f"{m['date']}; {m['cpu_model']}, {m['cores']} cores, "
+        f"{m['memory_bytes'] / 2**30:.0f} GiB; kernel {m['kernel']}; Python {m['python']}, "
+        f"uvloop {m['uvloop']}; {m['openssl']}; {m['stunnel'].split(' on ')[0]}"
+    )
 
 
 def terminal(results: dict[str, Any]) -> str:
@@ -152,8 +190,11 @@ def terminal(results: dict[str, Any]) -> str:
         *("  " + t for t in target_lines(results)),
     ]
     if results.get("profiles"):
-        parts += ["", "profiles (py-spy, own time by package):",
-                  *("  " + line for line in profile_lines(results))]
+        parts += [
+            "",
+            "profiles (py-spy, own time by package):",
+            *("  " + line for line in profile_lines(results)),
+        ]
     if results.get("recoveries"):
         parts += ["", f"labs rebuilt after a failed measurement: {len(results['recoveries'])}"]
     if results.get("errors"):
@@ -195,10 +236,16 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         for b, v in zip(bars, vals, strict=True):
-            ax.annotate(f"{v:,.2f}" if v < 100 else f"{v:,.0f}", (b.get_x() + b.get_width() / 2,
-                        b.get_height()), ha="center", va="bottom", fontsize=7)
-    fig.suptitle(f"ztunnel-py data path vs direct TCP and stunnel - {machine_line(results)}",
-                 fontsize=8)
+            ax.annotate(
+                f"{v:,.2f}" if v < 100 else f"{v:,.0f}",
+                (b.get_x() + b.get_width() / 2, b.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    fig.suptitle(
+        f"ztunnel-py data path vs direct TCP and stunnel - {machine_line(results)}", fontsize=8
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -208,31 +255,48 @@ def chart(results: dict[str, Any], path: Path) -> None:
 def readme_section(results: dict[str, Any]) -> str:
     header, body = rows(results)
     p = results["plan"]
-    return "\n".join([
-        README_BEGIN,
-        f"Latest full run: {machine_line(results)}.",
-        "",
-        f"Medians of {p['reps']} interleaved runs; bulk = iperf3 {p['bulk_seconds']} s; "
-        f"requests = our C generator (`bench/loadgen.c`), 1 KiB request / 1 KiB response, "
-        f"max over {p['rr_conns']} persistent connections and latency at a fixed "
-        f"{p['fixed_rate']:.0f} req/s; conn/s = connect, one request, close "
-        f"({p['cps_conns']} at a time); +p50 = latency added to direct; vCPU/1k req/s = CPU of "
-        "each agent (source / destination) or stunnel process at the fixed rate.",
-        "",
-        markdown_table(header, body),
-        "",
-        *("- " + line for line in capture_lines(results) + memory_lines(results)),
-        "",
-        "Targets:",
-        "",
-        *("- " + t for t in target_lines(results)),
-        *(["", f"Failed measurements (recorded in the JSON): {len(results['errors'])}; "
-           + "; ".join(results["errors"][:4]) + (" ..." if len(results["errors"]) > 4 else "")]
-          if results.get("errors") else []),
-        *(["", "Agent profiles (py-spy, own time by package):", "",
-           *("- " + line for line in profile_lines(results))] if results.get("profiles") else []),
-        README_END,
-    ])
+    return "\n".join(
+        [
+            README_BEGIN,
+            f"Latest full run: {machine_line(results)}.",
+            "",
+            f"Medians of {p['reps']} interleaved runs; bulk = iperf3 {p['bulk_seconds']} s; "
+            f"requests = our C generator (`bench/loadgen.c`), 1 KiB request / 1 KiB response, "
+            f"max over {p['rr_conns']} persistent connections and latency at a fixed "
+            f"{p['fixed_rate']:.0f} req/s; conn/s = connect, one request, close "
+            f"({p['cps_conns']} at a time); +p50 = latency added to direct; vCPU/1k req/s = CPU of "
+            "each agent (source / destination) or stunnel process at the fixed rate.",
+            "",
+            markdown_table(header, body),
+            "",
+            *("- " + line for line in capture_lines(results) + memory_lines(results)),
+            "",
+            "Targets:",
+            "",
+            *("- " + t for t in target_lines(results)),
+            *(
+                [
+                    "",
+                    f"Failed measurements (recorded in the JSON): {len(results['errors'])}; "
+                    + "; ".join(results["errors"][:4])
+                    + (" ..." if len(results["errors"]) > 4 else ""),
+                ]
+                if results.get("errors")
+                else []
+            ),
+            *(
+                [
+                    "",
+                    "Agent profiles (py-spy, own time by package):",
+                    "",
+                    *("- " + line for line in profile_lines(results)),
+                ]
+                if results.get("profiles")
+                else []
+            ),
+            README_END,
+        ]
+    )
 
 
 def update_readme(readme: Path, section: str) -> None:

@@ -40,17 +40,25 @@ class Scenario:
     via: str  # direct | stunnel | mesh
 
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
-    Scenario("direct", "direct TCP, no mesh (cross node)", "base", False, "direct"),
-    Scenario("direct-same", "direct TCP, no mesh (same node)", "base", True, "direct"),
-    Scenario("stunnel", "stunnel mTLS 1.3 pair (cross node)", "base", False, "stunnel"),
-    Scenario("mesh", "mesh: eBPF + HBONE (cross node)", "ebpf", False, "mesh"),
-    Scenario("mesh-same", "mesh: eBPF + HBONE (same node)", "ebpf", True, "mesh"),
-    Scenario("tproxy", "mesh: nft TPROXY + HBONE (cross node)", "tproxy", False, "mesh"),
-    Scenario("tproxy-same", "mesh: nft TPROXY + HBONE (same node)", "tproxy", True, "mesh"),
-    Scenario("mesh-asyncio", "mesh: eBPF + HBONE, asyncio loop (cross node)", "ebpf-asyncio",
-             False, "mesh"),
-)}
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("direct", "direct TCP, no mesh (cross node)", "base", False, "direct"),
+        Scenario("direct-same", "direct TCP, no mesh (same node)", "base", True, "direct"),
+        Scenario("stunnel", "stunnel mTLS 1.3 pair (cross node)", "base", False, "stunnel"),
+        Scenario("mesh", "mesh: eBPF + HBONE (cross node)", "ebpf", False, "mesh"),
+        Scenario("mesh-same", "mesh: eBPF + HBONE (same node)", "ebpf", True, "mesh"),
+        Scenario("tproxy", "mesh: nft TPROXY + HBONE (cross node)", "tproxy", False, "mesh"),
+        Scenario("tproxy-same", "mesh: nft TPROXY + HBONE (same node)", "tproxy", True, "mesh"),
+        Scenario(
+            "mesh-asyncio",
+            "mesh: eBPF + HBONE, asyncio loop (cross node)",
+            "ebpf-asyncio",
+            False,
+            "mesh",
+        ),
+    )
+}
 
 # lab key -> (capture, event loop)
 LABS: dict[str, tuple[str | None, str]] = {
@@ -60,8 +68,15 @@ LABS: dict[str, tuple[str | None, str]] = {
     "ebpf-asyncio": ("ebpf", "asyncio"),
 }
 
-DEFAULT_SCENARIOS = ("direct", "direct-same", "stunnel", "mesh", "mesh-same", "tproxy",
-                     "mesh-asyncio")
+DEFAULT_SCENARIOS = (
+    "direct",
+    "direct-same",
+    "stunnel",
+    "mesh",
+    "mesh-same",
+    "tproxy",
+    "mesh-asyncio",
+)
 QUICK_SCENARIOS = ("direct", "stunnel", "mesh", "mesh-same", "tproxy")
 MEASUREMENTS = ("bulk1", "bulk8", "rr_max", "rr_fixed", "cps")
 
@@ -85,8 +100,16 @@ class Plan:
 
     @classmethod
     def quick_plan(cls) -> Plan:
-        return cls(scenarios=QUICK_SCENARIOS, reps=1, bulk_seconds=1, load_seconds=0.5,
-                   fixed_rate=500.0, memory_conns=300, memory_scenarios=("mesh",), quick=True)
+        return cls(
+            scenarios=QUICK_SCENARIOS,
+            reps=1,
+            bulk_seconds=1,
+            load_seconds=0.5,
+            fixed_rate=500.0,
+            memory_conns=300,
+            memory_scenarios=("mesh",),
+            quick=True,
+        )
 
 
 @dataclass
@@ -143,14 +166,17 @@ class Run:
             if what == "rr_max":
                 res = self.loadgen.rr(client, ip, port, p.rr_conns, p.load_seconds)
             elif what == "rr_fixed":
-                res = self.loadgen.rr(client, ip, port, p.fixed_conns, p.load_seconds,
-                                      rate=p.fixed_rate)
+                res = self.loadgen.rr(
+                    client, ip, port, p.fixed_conns, p.load_seconds, rate=p.fixed_rate
+                )
             else:
                 res = self.loadgen.cps(client, ip, port, p.cps_conns, p.load_seconds)
             done = res.get("requests", res.get("connections", 0))
             if not done:
-                raise BenchError(f"{what}: no request completed in {p.load_seconds}s "
-                                 f"({res.get('errors', 0)} failed)")
+                raise BenchError(
+                    f"{what}: no request completed in {p.load_seconds}s "
+                    f"({res.get('errors', 0)} failed)"
+                )
             if res.get("errors"):
                 res["warning"] = f"{res['errors']} failed requests/connections"
         res["machine"] = window.machine()
@@ -160,8 +186,9 @@ class Run:
     def build_lab(self, key: str) -> None:
         assert self.loadgen is not None
         capture, loop = LABS[key]
-        self.labs[key] = labs.build(key, capture, loop, self.loadgen, self.progress,
-                                    self.out_dir / "logs")
+        self.labs[key] = labs.build(
+            key, capture, loop, self.loadgen, self.progress, self.out_dir / "logs"
+        )
 
     def recover(self, sc: Scenario, why: str) -> None:
         """After a failed measurement through the mesh, the lab is rebuilt (fresh agents) so
@@ -172,10 +199,13 @@ class Run:
             old.save_logs(self.out_dir / "logs" / f"recovered-{old.topology.lab_id}")
         finally:
             old.close()
-        self.recoveries.append({"scenario": sc.name, "lab": sc.lab,
-                                "old_lab_id": old.topology.lab_id, "after": why})
-        self.progress(f"  rebuilding lab {sc.lab} after the failure (agent logs kept in "
-                      f"{self.out_dir / 'logs'})")
+        self.recoveries.append(
+            {"scenario": sc.name, "lab": sc.lab, "old_lab_id": old.topology.lab_id, "after": why}
+        )
+        self.progress(
+            f"  rebuilding lab {sc.lab} after the failure (agent logs kept in "
+            f"{self.out_dir / 'logs'})"
+        )
         self.build_lab(sc.lab)
         for other in SCENARIOS.values():
             if other.lab == sc.lab and other.name in self.plan.scenarios:
@@ -197,18 +227,22 @@ class Run:
         dst = lab.nodes[0] if sc.same_node else lab.nodes[1]
 
         def opened(node: Any, reporter: str) -> float:
-            return runner.metrics_totals(node).get(
-                f"istio_tcp_connections_opened[{reporter}]", 0.0)
+            return runner.metrics_totals(node).get(f"istio_tcp_connections_opened[{reporter}]", 0.0)
 
         before = (opened(src, "source"), opened(dst, "destination"))
         self.warm_up(sc)
         after = (opened(src, "source"), opened(dst, "destination"))
         ok = after[0] > before[0] and after[1] > before[1]
-        self.verified[sc.name] = {"ok": ok, "source_opened": after[0] - before[0],
-                                  "destination_opened": after[1] - before[1]}
+        self.verified[sc.name] = {
+            "ok": ok,
+            "source_opened": after[0] - before[0],
+            "destination_opened": after[1] - before[1],
+        }
         if not ok:
-            raise BenchError(f"{sc.name}: the agents did not see the test connections "
-                             f"(counters {before} -> {after}); capture is not working")
+            raise BenchError(
+                f"{sc.name}: the agents did not see the test connections "
+                f"(counters {before} -> {after}); capture is not working"
+            )
 
     def memory_test(self, sc: Scenario) -> dict[str, Any]:
         """RSS of the scenario's processes with N idle connections open through it."""
@@ -221,9 +255,15 @@ class Run:
         before = procstat.rss_of(procs)
         setup = 20.0 + p.memory_conns / 250
         argv = topo.netns_exec_argv(
-            lab.client().netns, self.loadgen.hold_argv(ip, port, p.memory_conns, 120, setup))
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
+            lab.client().netns, self.loadgen.hold_argv(ip, port, p.memory_conns, 120, setup)
+        )
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         lines = _LineReader(proc)
         try:
             opened = lines.next_json(setup + 10)
@@ -271,8 +311,11 @@ class Run:
         # Idle RSS: agents after start-up and a first tunneled connection, before any load.
         time.sleep(1.0)
         for key, lab in self.labs.items():
-            pids = ({f"agent-{n}": pid for n, pid in lab.agents.items()} if lab.agents else
-                    {f"stunnel-{n}": pid for n, pid in lab.stunnel.items()})
+            pids = (
+                {f"agent-{n}": pid for n, pid in lab.agents.items()}
+                if lab.agents
+                else {f"stunnel-{n}": pid for n, pid in lab.stunnel.items()}
+            )
             self.idle_rss[key] = procstat.rss_of(pids)
         for rep in range(1, p.reps + 1):
             for sc in scenarios:
@@ -296,8 +339,13 @@ class Run:
             self.progress(f"memory: {p.memory_conns} idle connections through {name}")
             try:
                 self.memory[name] = self.memory_test(sc)
-            except (BenchError, procstat.ProcessGone, OSError, AssertionError,
-                    subprocess.TimeoutExpired) as e:
+            except (
+                BenchError,
+                procstat.ProcessGone,
+                OSError,
+                AssertionError,
+                subprocess.TimeoutExpired,
+            ) as e:
                 self.errors.append(f"memory {name}: {e}")
                 self.progress(f"  ERROR memory {name}: {e}")
         if p.profile:
@@ -366,8 +414,9 @@ class Run:
         out: dict[str, dict[str, Any]] = {}
         for name, s in summary.items():
             sc = SCENARIOS[name]
-            base = summary.get("direct-same" if sc.same_node and "direct-same" in summary
-                               else "direct", {})
+            base = summary.get(
+                "direct-same" if sc.same_node and "direct-same" in summary else "direct", {}
+            )
             st = summary.get("stunnel", {})
             r: dict[str, Any] = {}
             for k in keys:
@@ -376,8 +425,9 @@ class Run:
             for q in ("p50", "p90", "p99"):
                 key = f"lat_{q}_us"
                 r[f"added_{q}_us"] = _diff(s.get(key), base.get(key))
-            r["added_p50_us_stunnel"] = _diff(st.get("lat_p50_us"), summary.get(
-                "direct", {}).get("lat_p50_us"))
+            r["added_p50_us_stunnel"] = _diff(
+                st.get("lat_p50_us"), summary.get("direct", {}).get("lat_p50_us")
+            )
             out[name] = r
         return out
 
@@ -397,8 +447,9 @@ class Run:
             }
         return out
 
-    def targets(self, summary: dict[str, dict[str, Any]],
-                ratios: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def targets(
+        self, summary: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         """The issue's targets, each with the measured value and met / missed."""
         m = summary.get("mesh", {})
         r = ratios.get("mesh", {})
@@ -407,24 +458,37 @@ class Run:
         def add(name: str, value: Any, target: str, met: bool | None) -> None:
             out.append({"target": name, "value": value, "goal": target, "met": met})
 
-        for k, label in (("bulk1_gbps", "bulk throughput, 1 conn"),
-                         ("bulk8_gbps", "bulk throughput, 8 conns")):
+        for k, label in (
+            ("bulk1_gbps", "bulk throughput, 1 conn"),
+            ("bulk8_gbps", "bulk throughput, 8 conns"),
+        ):
             v = r.get(f"{k}_vs_stunnel")
             add(f"{label} vs stunnel", v, ">= 1.0x", None if v is None else v >= 1.0)
         v = r.get("cps_vs_stunnel")
         add("new connections/s vs stunnel", v, ">= 10x", None if v is None else v >= 10.0)
         mine, theirs = r.get("added_p50_us"), r.get("added_p50_us_stunnel")
-        add("added p50 latency (us) vs stunnel's", {"mesh": mine, "stunnel": theirs},
-            "<= stunnel's", None if mine is None or theirs is None else mine <= theirs)
+        add(
+            "added p50 latency (us) vs stunnel's",
+            {"mesh": mine, "stunnel": theirs},
+            "<= stunnel's",
+            None if mine is None or theirs is None else mine <= theirs,
+        )
         idle = self.idle_rss.get("ebpf", {})
         biggest = max(idle.values()) if idle else None
-        add("idle agent RSS (MB, eBPF agent)",
-            None if biggest is None else round(biggest / 2**20, 1), "<= 50",
-            None if biggest is None else biggest <= 50 * 2**20)
+        add(
+            "idle agent RSS (MB, eBPF agent)",
+            None if biggest is None else round(biggest / 2**20, 1),
+            "<= 50",
+            None if biggest is None else biggest <= 50 * 2**20,
+        )
         mem = self.memory.get("mesh", {}).get("bytes_per_connection", {})
         per = max((v for v in mem.values() if v is not None), default=None)
-        add("bytes per idle tunneled connection (worst agent)", per, "<= 20480",
-            None if per is None else per <= 20480)
+        add(
+            "bytes per idle tunneled connection (worst agent)",
+            per,
+            "<= 20480",
+            None if per is None else per <= 20480,
+        )
         cpu = m.get("cpu", {})
 
         def worst_agent(key: str) -> float | None:
@@ -433,9 +497,13 @@ class Run:
 
         fixed = worst_agent("vcpu_per_1k_rps_fixed")
         at_max = worst_agent("vcpu_per_1k_rps_max")
-        add(f"vCPU per 1,000 req/s (worst agent; at {self.plan.fixed_rate:.0f} req/s, and at "
-            "the max rate)", {"fixed": fixed, "max": at_max}, "<= 0.1 (at the fixed rate)",
-            None if fixed is None else fixed <= 0.1)
+        add(
+            f"vCPU per 1,000 req/s (worst agent; at {self.plan.fixed_rate:.0f} req/s, and at "
+            "the max rate)",
+            {"fixed": fixed, "max": at_max},
+            "<= 0.1 (at the fixed rate)",
+            None if fixed is None else fixed <= 0.1,
+        )
         return out
 
     def results(self) -> dict[str, Any]:
@@ -444,13 +512,25 @@ class Run:
         return {
             "schema": 1,
             "machine": procstat.machine(),
-            "plan": {**self.plan.__dict__, "measurements": list(MEASUREMENTS),
-                     "request_bytes": 1024, "response_bytes": 1024},
-            "scenarios": {n: {"label": SCENARIOS[n].label, "lab": SCENARIOS[n].lab,
-                              "same_node": SCENARIOS[n].same_node, "via": SCENARIOS[n].via}
-                          for n in self.plan.scenarios},
-            "labs": {k: {"capture": v.capture, "event_loop": v.event_loop,
-                         "lab_id": v.topology.lab_id} for k, v in self.labs.items()},
+            "plan": {
+                **self.plan.__dict__,
+                "measurements": list(MEASUREMENTS),
+                "request_bytes": 1024,
+                "response_bytes": 1024,
+            },
+            "scenarios": {
+                n: {
+                    "label": SCENARIOS[n].label,
+                    "lab": SCENARIOS[n].lab,
+                    "same_node": SCENARIOS[n].same_node,
+                    "via": SCENARIOS[n].via,
+                }
+                for n in self.plan.scenarios
+            },
+            "labs": {
+                k: {"capture": v.capture, "event_loop": v.event_loop, "lab_id": v.topology.lab_id}
+                for k, v in self.labs.items()
+            },
             "summary": summary,
             "ratios": ratios,
             "capture_comparison": self.capture_comparison(summary),
@@ -480,8 +560,13 @@ def _summarise(by: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
     def per(what: str, proc: str, unit: str, scale: float) -> float | None:
         """Median over repetitions of (vCPU of `proc`) / (figure `unit` / scale)."""
-        return _median([r["cpu_vcpu"][proc] / (r[unit] / scale) for r in by.get(what, [])
-                        if proc in r.get("cpu_vcpu", {}) and r.get(unit)])
+        return _median(
+            [
+                r["cpu_vcpu"][proc] / (r[unit] / scale)
+                for r in by.get(what, [])
+                if proc in r.get("cpu_vcpu", {}) and r.get(unit)
+            ]
+        )
 
     s: dict[str, Any] = {
         "bulk1_gbps": med("bulk1", "gbps"),
@@ -494,17 +579,20 @@ def _summarise(by: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "cps_p50_us": med("cps", "latency_us", "p50"),
     }
     procs = sorted({k for rs in by.values() for r in rs for k in r.get("cpu_vcpu", {})})
-    s["cpu"] = {proc: {
-        "vcpu_per_1k_rps_fixed": per("rr_fixed", proc, "rps", 1000.0),
-        "vcpu_per_1k_rps_max": per("rr_max", proc, "rps", 1000.0),
-        "vcpu_per_1k_cps": per("cps", proc, "cps", 1000.0),
-        "vcpu_per_gbps_bulk1": per("bulk1", proc, "gbps", 1.0),
-        "vcpu_at_fixed_rate": med("rr_fixed", "cpu_vcpu", proc),
-        "vcpu_at_rr_max": med("rr_max", "cpu_vcpu", proc),
-        "vcpu_at_bulk1": med("bulk1", "cpu_vcpu", proc),
-        "vcpu_at_bulk8": med("bulk8", "cpu_vcpu", proc),
-        "vcpu_at_cps": med("cps", "cpu_vcpu", proc),
-    } for proc in procs}
+    s["cpu"] = {
+        proc: {
+            "vcpu_per_1k_rps_fixed": per("rr_fixed", proc, "rps", 1000.0),
+            "vcpu_per_1k_rps_max": per("rr_max", proc, "rps", 1000.0),
+            "vcpu_per_1k_cps": per("cps", proc, "cps", 1000.0),
+            "vcpu_per_gbps_bulk1": per("bulk1", proc, "gbps", 1.0),
+            "vcpu_at_fixed_rate": med("rr_fixed", "cpu_vcpu", proc),
+            "vcpu_at_rr_max": med("rr_max", "cpu_vcpu", proc),
+            "vcpu_at_bulk1": med("bulk1", "cpu_vcpu", proc),
+            "vcpu_at_bulk8": med("bulk8", "cpu_vcpu", proc),
+            "vcpu_at_cps": med("cps", "cpu_vcpu", proc),
+        }
+        for proc in procs
+    }
     return s
 
 

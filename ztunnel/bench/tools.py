@@ -33,8 +33,13 @@ class BenchError(ZtunnelError):
     """A benchmark step failed (a tool missing, a client that errored, a lab that broke)."""
 
 
-_TOOLS = {"gcc": "gcc", "iperf3": "iperf3", "stunnel": "stunnel4", "nft": "nftables",
-          "ip": "iproute2"}
+_TOOLS = {
+    "gcc": "gcc",
+    "iperf3": "iperf3",
+    "stunnel": "stunnel4",
+    "nft": "nftables",
+    "ip": "iproute2",
+}
 
 
 def ensure_tools(progress: Callable[[str], None]) -> None:
@@ -47,15 +52,26 @@ def ensure_tools(progress: Callable[[str], None]) -> None:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         install = ["apt-get", "install", "-y", "-qq", *pkgs]
         with contextlib.suppress(subprocess.TimeoutExpired):
-            if subprocess.run(install, capture_output=True, env=env, timeout=600,
-                              check=False).returncode != 0:
-                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env,
-                               timeout=600, check=False)
+            if (
+                subprocess.run(
+                    install, capture_output=True, env=env, timeout=600, check=False
+                ).returncode
+                != 0
+            ):
+                subprocess.run(
+                    ["apt-get", "update", "-qq"],
+                    capture_output=True,
+                    env=env,
+                    timeout=600,
+                    check=False,
+                )
                 subprocess.run(install, capture_output=True, env=env, timeout=600, check=False)
         missing = {tool: pkg for tool, pkg in missing.items() if shutil.which(tool) is None}
     if missing:
-        raise BenchError("missing tools: " + ", ".join(
-            f"{tool} (Debian package {pkg})" for tool, pkg in missing.items()))
+        raise BenchError(
+            "missing tools: "
+            + ", ".join(f"{tool} (Debian package {pkg})" for tool, pkg in missing.items())
+        )
 
 
 def build_loadgen(build_dir: Path) -> Path:
@@ -69,7 +85,10 @@ def build_loadgen(build_dir: Path) -> Path:
     tmp = binary.with_suffix(".tmp")
     done = subprocess.run(
         ["gcc", "-O2", "-Wall", "-pthread", "-o", str(tmp), str(LOADGEN_SOURCE)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     if done.returncode != 0:
         raise BenchError(f"compiling {LOADGEN_SOURCE} failed:\n{done.stderr.strip()}")
@@ -86,8 +105,14 @@ class Processes:
     def start(self, netns: str, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
-            proc = topo.popen_in_netns(netns, argv, stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = topo.popen_in_netns(
+                netns,
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 
@@ -142,8 +167,10 @@ def run_json(netns: str, argv: Sequence[str], timeout: float) -> dict[str, Any]:
         except ValueError:
             data = json.loads(text.splitlines()[-1])
     except (ValueError, IndexError):
-        raise BenchError(f"{' '.join(argv)} in {netns}: exit {done.returncode}, no JSON: "
-                         f"{(done.stderr or done.stdout).strip()[-400:]}") from None
+        raise BenchError(
+            f"{' '.join(argv)} in {netns}: exit {done.returncode}, no JSON: "
+            f"{(done.stderr or done.stdout).strip()[-400:]}"
+        ) from None
     if "error" in data:
         raise BenchError(f"{' '.join(argv)} in {netns}: {data['error']}")
     return data
@@ -162,18 +189,34 @@ class LoadGen:
         return [str(self.binary), "server", "--port", str(port), "--threads", str(threads)]
 
     def _client(self, mode: str, ip: str, port: int, conns: int, extra: list[str]) -> list[str]:
-        return [str(self.binary), mode, "--host", ip, "--port", str(port), "--conns", str(conns),
-                "--req", str(self.req), "--resp", str(self.resp), *extra]
+        return [
+            str(self.binary),
+            mode,
+            "--host",
+            ip,
+            "--port",
+            str(port),
+            "--conns",
+            str(conns),
+            "--req",
+            str(self.req),
+            "--resp",
+            str(self.resp),
+            *extra,
+        ]
 
-    def rr(self, netns: str, ip: str, port: int, conns: int, duration: float,
-           rate: float = 0.0) -> dict[str, Any]:
+    def rr(
+        self, netns: str, ip: str, port: int, conns: int, duration: float, rate: float = 0.0
+    ) -> dict[str, Any]:
         extra = ["--duration", str(duration)] + (["--rate", str(rate)] if rate else [])
-        return run_json(netns, self._client("rr", ip, port, conns, extra),
-                        duration + CLIENT_SLACK)
+        return run_json(netns, self._client("rr", ip, port, conns, extra), duration + CLIENT_SLACK)
 
     def cps(self, netns: str, ip: str, port: int, conns: int, duration: float) -> dict[str, Any]:
-        return run_json(netns, self._client("cps", ip, port, conns, ["--duration", str(duration)]),
-                        duration + CLIENT_SLACK)
+        return run_json(
+            netns,
+            self._client("cps", ip, port, conns, ["--duration", str(duration)]),
+            duration + CLIENT_SLACK,
+        )
 
     def hold_argv(self, ip: str, port: int, conns: int, hold: float, setup: float) -> list[str]:
         return self._client("hold", ip, port, conns, ["--hold", str(hold), "--setup", str(setup)])
@@ -181,8 +224,20 @@ class LoadGen:
 
 def iperf3(netns: str, ip: str, port: int, seconds: int, parallel: int) -> dict[str, Any]:
     """Bulk throughput client -> server; Gbit/s received by the server, and retransmits."""
-    argv = ["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-P", str(parallel), "-J",
-            "--connect-timeout", "5000"]
+    argv = [
+        "iperf3",
+        "-c",
+        ip,
+        "-p",
+        str(port),
+        "-t",
+        str(seconds),
+        "-P",
+        str(parallel),
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ]
     data = run_json(netns, argv, seconds + IPERF3_SLACK)
     end = data.get("end", {})
     try:
@@ -190,8 +245,12 @@ def iperf3(netns: str, ip: str, port: int, seconds: int, parallel: int) -> dict[
         sent = end.get("sum_sent", {})
     except (KeyError, TypeError, ValueError):
         raise BenchError(f"iperf3 in {netns}: unexpected output") from None
-    return {"gbps": round(bps / 1e9, 4), "retransmits": int(sent.get("retransmits", 0)),
-            "seconds": seconds, "parallel": parallel}
+    return {
+        "gbps": round(bps / 1e9, 4),
+        "retransmits": int(sent.get("retransmits", 0)),
+        "seconds": seconds,
+        "parallel": parallel,
+    }
 
 
 def iperf3_server_argv(port: int) -> list[str]:
@@ -209,8 +268,9 @@ class StunnelService:
     connect: str  # ip:port
 
 
-def stunnel_config(client: bool, services: Sequence[StunnelService], cert_dir: Path,
-                   log: Path) -> str:
+def stunnel_config(
+    client: bool, services: Sequence[StunnelService], cert_dir: Path, log: Path
+) -> str:
     """A stunnel 5 configuration: mutual TLS 1.3 with our CA's certificates, in the foreground,
     logging errors only, TCP_NODELAY on both sides (as the mesh sets it)."""
     lines = [
@@ -240,9 +300,15 @@ def stunnel_config(client: bool, services: Sequence[StunnelService], cert_dir: P
 # ---- TPROXY capture (the iptables-style comparison) -----------------------------------------
 
 
-def tproxy_ruleset(table: str, pod_ifnames: Sequence[str], pod_ips: Sequence[str],
-                   node_ips: Sequence[str], uplink: str, mark: int,
-                   ports: tuple[int, int, int] = (15001, 15006, 15008)) -> str:
+def tproxy_ruleset(
+    table: str,
+    pod_ifnames: Sequence[str],
+    pod_ips: Sequence[str],
+    node_ips: Sequence[str],
+    uplink: str,
+    mark: int,
+    ports: tuple[int, int, int] = (15001, 15006, 15008),
+) -> str:
     """nftables rules that capture enrolled pods' TCP like the eBPF programs do, with TPROXY.
 
     Packets of sockets that exist already in the node (accepted captures, the agent's
@@ -259,25 +325,39 @@ def tproxy_ruleset(table: str, pod_ifnames: Sequence[str], pod_ips: Sequence[str
         f"meta l4proto tcp socket transparent 1 {to_local}",
         f"iifname {{ {ifs} }} meta l4proto tcp ip daddr != {{ {nodes} }} "
         f"tproxy to :{outbound} {to_local}",
-        f'iifname "{uplink}" ip daddr {{ {pods} }} tcp dport {hbone} '
-        f"tproxy to :{hbone} {to_local}",
+        f'iifname "{uplink}" ip daddr {{ {pods} }} tcp dport {hbone} tproxy to :{hbone} {to_local}',
         f'iifname "{uplink}" ip daddr {{ {pods} }} meta l4proto tcp '
         f"tproxy to :{inbound} {to_local}",
     ]
     body = "\n".join(f"        {r}" for r in rules)
-    return (f"table ip {table} {{\n    chain prerouting {{\n"
-            f"        type filter hook prerouting priority mangle; policy accept;\n"
-            f"{body}\n    }}\n}}\n")
+    return (
+        f"table ip {table} {{\n    chain prerouting {{\n"
+        f"        type filter hook prerouting priority mangle; policy accept;\n"
+        f"{body}\n    }}\n}}\n"
+    )
 
 
 def install_tproxy(netns: str, ruleset: str, rules_file: Path, mark: int, table: int) -> None:
     """Loads the ruleset and the local-delivery route in a node namespace (never the root one)."""
     rules_file.write_text(ruleset)
     topo.run_in_netns(netns, ["nft", "-f", str(rules_file)])
-    topo.run_in_netns(netns, ["ip", "rule", "add", "fwmark", f"{mark:#x}/{mark:#x}", "lookup",
-                              str(table), "priority", "100"])
-    topo.run_in_netns(netns, ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table",
-                              str(table)])
+    topo.run_in_netns(
+        netns,
+        [
+            "ip",
+            "rule",
+            "add",
+            "fwmark",
+            f"{mark:#x}/{mark:#x}",
+            "lookup",
+            str(table),
+            "priority",
+            "100",
+        ],
+    )
+    topo.run_in_netns(
+        netns, ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", str(table)]
+    )
 
 
 def raise_nofile(limit: int) -> None:

@@ -37,7 +37,6 @@ class HboneStream:
     """One CONNECT tunnel: ordered bytes both ways, with half-close."""
 
     __slots__ = (
-        "_sink",
         "_conn",
         "_eof",
         "_error",
@@ -45,6 +44,7 @@ class HboneStream:
         "_recv_waiter",
         "_response",
         "_sent_end",
+        "_sink",
         "_window_waiter",
         "bytes_received",
         "bytes_sent",
