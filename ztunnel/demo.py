@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -38,7 +39,9 @@ class Flow:
     expect_ok: bool = True
 
 
-def mesh_config(net: str) -> dict[str, object]:
+def mesh_config(net: str, with_policy: bool = True) -> dict[str, Any]:
+    """The demo's mesh (also the loopback tests' fixture, without the policy)."""
+
     def wl(
         name: str,
         ns: str,
@@ -86,7 +89,9 @@ def mesh_config(net: str) -> dict[str, object]:
                 "action": "Deny",
                 "rules": [[[{"destinationPorts": [9090]}]]],
             },
-        ],
+        ]
+        if with_policy
+        else [],
     }
 
 

@@ -28,6 +28,7 @@ import h2.events
 import pytest
 import yaml
 
+from ztunnel import demo
 from ztunnel.app import Agent
 from ztunnel.ca import CertificateAuthority, IssuedCertificate
 from ztunnel.config import Settings
@@ -50,46 +51,9 @@ MiB = 1024 * 1024
 
 
 def mesh_config(net: str) -> dict[str, Any]:
-    def wl(
-        name: str,
-        ns: str,
-        sa: str,
-        ip: str,
-        node: str,
-        proto: str = "HBONE",
-        services: dict[str, dict[int, int]] | None = None,
-    ) -> dict[str, Any]:
-        return {
-            "uid": f"Kubernetes//Pod/{ns}/{name}",
-            "name": name,
-            "namespace": ns,
-            "serviceAccount": sa,
-            "workloadIps": [ip],
-            "protocol": proto,
-            "node": node,
-            "canonicalName": name.rsplit("-", 1)[0],
-            "canonicalRevision": "v1",
-            "services": services or {},
-        }
-
-    svc = {f"shop/{ECHO_HOST}": {80: 8080}}
-    return {
-        "workloads": [
-            wl("client-a", "frontend", "web", f"{net}.1", "node-a"),
-            wl("echo-a", "shop", "echo", f"{net}.2", "node-a", services=svc),
-            wl("echo-b", "shop", "echo", f"{net}.11", "node-b", services=svc),
-            wl("legacy-b", "legacy", "default", f"{net}.12", "node-b", proto="TCP"),
-        ],
-        "services": [
-            {
-                "name": "echo",
-                "namespace": "shop",
-                "hostname": ECHO_HOST,
-                "vips": [f"{net}.100"],
-                "ports": {80: 8080},
-            },
-        ],
-    }
+    """Two nodes: client-a and echo-a on node-a, echo-b and legacy-b (TCP) on node-b, and the
+    echo service over both echoes (the demo's mesh, without its policy)."""
+    return demo.mesh_config(net, with_policy=False)
 
 
 def distinct_ports(n: int) -> list[int]:
