@@ -61,8 +61,12 @@ def _path(src_recs: list[dict[str, Any]], dst_recs: list[dict[str, Any]]) -> tup
     ids = ""
     rec = inb[-1] if inb else (out[-1] if out else None)
     if rec is not None:
-        src_id = str(rec.get("src.identity", "-")).removeprefix("spiffe://cluster.local/")
-        dst_id = str(rec.get("dst.identity", "-")).removeprefix("spiffe://cluster.local/")
+        src_id = str(rec.get("src.identity", "plaintext")).removeprefix("spiffe://cluster.local/")
+        dst_id = str(
+            rec.get(
+                "dst.identity", f"{rec.get('dst.namespace', '?')}/{rec.get('dst.workload', '?')}"
+            )
+        ).removeprefix("spiffe://cluster.local/")
         ids = f"{src_id} -> {dst_id}"
     return " => ".join(parts), ids or "-"
 
