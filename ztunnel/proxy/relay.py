@@ -10,17 +10,10 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from ztunnel.hbone.connection import HboneStream, StreamClosed
 from ztunnel.proxy.records import ConnectionRecord, ConnectionTracker
-
-if TYPE_CHECKING:
-    from typing import Protocol
-
-    class ByteCounter(Protocol):
-        def transferred(self, record: ConnectionRecord, sent: int, recv: int) -> None: ...
-
 
 log = logging.getLogger(__name__)
 
@@ -220,21 +213,47 @@ class TcpEnd(asyncio.Protocol):
                 await asyncio.wait_for(asyncio.shield(self._closed_waiter), 5)
 
 
-async def _app_to_stream(
-    app: TcpEnd, stream: HboneStream, rec: ConnectionRecord, tracker: ByteCounter
-) -> None:
+Count = Callable[[int], None]
+
+
+def _counters(
+    tracker: ConnectionTracker, rec: ConnectionRecord, app_is_client: bool = True
+) -> tuple[Count, Count]:
+    """(count bytes from the app side, count bytes towards the app side). "Sent" is always
+    towards the destination: from the app on the outbound side, into the app inbound."""
+
+    def towards_dst(n: int) -> None:
+        tracker.transferred(rec, n, 0)
+
+    def towards_src(n: int) -> None:
+        tracker.transferred(rec, 0, n)
+
+    return (towards_dst, towards_src) if app_is_client else (towards_src, towards_dst)
+
+
+def _sink(try_write: Callable[[bytes], bool], count: Count) -> Callable[[bytes], bool]:
+    """The fast path of one direction: write now if the other side takes it, and count."""
+
+    def take(data: bytes) -> bool:
+        if not try_write(data):
+            return False
+        count(len(data))
+        return True
+
+    return take
+
+
+async def _app_to_stream(app: TcpEnd, stream: HboneStream, count: Count) -> None:
     while True:
         data = await app.read()
         if not data:
             stream.end()
             return
         await stream.write(data)
-        tracker.transferred(rec, len(data), 0)
+        count(len(data))
 
 
-async def _stream_to_app(
-    stream: HboneStream, app: TcpEnd, rec: ConnectionRecord, tracker: ByteCounter
-) -> None:
+async def _stream_to_app(stream: HboneStream, app: TcpEnd, count: Count) -> None:
     while True:
         data = await stream.read()
         if not data:
@@ -243,7 +262,18 @@ async def _stream_to_app(
         app.write(data)
         await app.drain()
         stream.ack(len(data))
-        tracker.transferred(rec, 0, len(data))
+        count(len(data))
+
+
+async def _pipe(src: TcpEnd, dst: TcpEnd, count: Count) -> None:
+    while True:
+        data = await src.read()
+        if not data:
+            dst.write_eof()
+            return
+        dst.write(data)
+        await dst.drain()
+        count(len(data))
 
 
 async def relay_stream(
@@ -258,27 +288,14 @@ async def relay_stream(
     `app_is_client` says which way counts as "sent": from the app into the tunnel on the
     outbound side, from the tunnel into the app on the inbound side.
     """
-    rec_tracker: ByteCounter = tracker if app_is_client else _Swapped(tracker)
-
+    from_app, to_app = _counters(tracker, rec, app_is_client)
     # Fast paths: while neither side pushes back, bytes go straight from one protocol
     # callback to the other, with no task wake-up per chunk (latency and CPU); the tasks
     # below carry whatever had to wait, and the ends of stream.
-    def to_stream(data: bytes) -> bool:
-        if stream.try_write(data):
-            rec_tracker.transferred(rec, len(data), 0)
-            return True
-        return False
-
-    def to_app(data: bytes) -> bool:
-        if app.try_write(data):
-            rec_tracker.transferred(rec, 0, len(data))
-            return True
-        return False
-
-    app.set_sink(to_stream)
-    stream.set_sink(to_app)
-    up = asyncio.ensure_future(_app_to_stream(app, stream, rec, rec_tracker))
-    down = asyncio.ensure_future(_stream_to_app(stream, app, rec, rec_tracker))
+    app.set_sink(_sink(stream.try_write, from_app))
+    stream.set_sink(_sink(app.try_write, to_app))
+    up = asyncio.ensure_future(_app_to_stream(app, stream, from_app))
+    down = asyncio.ensure_future(_stream_to_app(stream, app, to_app))
     rec.set_closer(lambda reason: _cancel(up, down))
     try:
         await _join(up, down, rec)
@@ -297,36 +314,11 @@ async def relay_tcp(
     client: TcpEnd, server: TcpEnd, rec: ConnectionRecord, tracker: ConnectionTracker
 ) -> None:
     """Relay between two plain TCP sockets (passthrough and inbound plaintext)."""
-
-    async def pipe(src: TcpEnd, dst: TcpEnd, forward: bool) -> None:
-        while True:
-            data = await src.read()
-            if not data:
-                dst.write_eof()
-                return
-            dst.write(data)
-            await dst.drain()
-            if forward:
-                tracker.transferred(rec, len(data), 0)
-            else:
-                tracker.transferred(rec, 0, len(data))
-
-    def sink(dst: TcpEnd, forward: bool) -> Callable[[bytes], bool]:
-        def take(data: bytes) -> bool:
-            if not dst.try_write(data):
-                return False
-            if forward:
-                tracker.transferred(rec, len(data), 0)
-            else:
-                tracker.transferred(rec, 0, len(data))
-            return True
-
-        return take
-
-    client.set_sink(sink(server, True))
-    server.set_sink(sink(client, False))
-    up = asyncio.ensure_future(pipe(client, server, True))
-    down = asyncio.ensure_future(pipe(server, client, False))
+    forward, backward = _counters(tracker, rec)
+    client.set_sink(_sink(server.try_write, forward))
+    server.set_sink(_sink(client.try_write, backward))
+    up = asyncio.ensure_future(_pipe(client, server, forward))
+    down = asyncio.ensure_future(_pipe(server, client, backward))
     rec.set_closer(lambda reason: _cancel(up, down))
     try:
         await _join(up, down, rec)
@@ -378,13 +370,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)
     return f"{type(exc).__name__}: {exc}"
-
-
-class _Swapped:
-    """Counts bytes with the directions swapped (inbound: tunnel->app is 'sent')."""
-
-    def __init__(self, inner: ConnectionTracker) -> None:
-        self.inner = inner
-
-    def transferred(self, rec: ConnectionRecord, sent: int, recv: int) -> None:
-        self.inner.transferred(rec, recv, sent)
