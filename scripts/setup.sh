@@ -10,14 +10,27 @@ VENV="${ZTUNNEL_VENV:-$ROOT/.venv}"
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-need_pkgs=()
-for p in python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 stunnel4 iperf3 tcpdump nodejs nftables; do
-  dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
-done
-if [ "${#need_pkgs[@]}" -gt 0 ]; then
-  echo "setup: installing system packages: ${need_pkgs[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+# One group per line: what it is for. `--no-install-recommends` ones are listed apart.
+pkgs=(
+  python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2   # eBPF capture (bcc) and netlink
+  stunnel4 iperf3 tcpdump nftables                         # benchmark peers, captures, tproxy
+  nodejs                                                   # HTTP/2 interop peer (nghttp2)
+)
+pkgs_norec=()
+APT_LOCK=(-o DPkg::Lock::Timeout=600)
+missing() { for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done; }
+mapfile -t need < <(missing "${pkgs[@]}")
+mapfile -t need_norec < <(missing "${pkgs_norec[@]}")
+if [ "${#need[@]}" -gt 0 ] || [ "${#need_norec[@]}" -gt 0 ]; then
+  echo "setup: installing system packages: ${need[*]} ${need_norec[*]}"
+  $SUDO apt-get "${APT_LOCK[@]}" update -qq
+  if [ "${#need[@]}" -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${APT_LOCK[@]}" install -y -qq "${need[@]}" >/dev/null
+  fi
+  if [ "${#need_norec[@]}" -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${APT_LOCK[@]}" install -y -qq \
+      --no-install-recommends "${need_norec[@]}" >/dev/null
+  fi
 fi
 
 # bcc needs /lib/modules/$(uname -r)/{build,source}; point them at the Debian headers (PLATFORM.md).
