@@ -234,7 +234,7 @@ class _Run:
             self.err.write(output.adding_files_errors(file_errors))
         for s in cs.skipped:
             if s.file != kube.CLUSTER:
-                what = f"{s.kind} {s.name!r}" if s.kind else "document"
+                what = f'{s.kind} "{s.name}"' if s.kind else "document"
                 self.say(f"Skipping {s.file}:{s.line}: {what} is not analyzed ({s.reason})")
         available = engine.available_kinds(cs, cluster.available if cluster else ())
         result = engine.analyze(
