@@ -1,12 +1,12 @@
 """`ztunnel analyze --kube`: the live cluster's resources, listed through the Kubernetes API
 with the official `kubernetes` client (as the node controller uses it), as config-model
 documents. Every kind is listed cluster-wide (references cross namespaces), page by page; a
-kind whose API is not served (its CRD is not installed: 404) is simply unavailable, and the
-analyzers that need it are skipped, as istioctl skips them."""
+kind whose API is not served (its CRD is not installed: 404) has no resources."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -172,9 +172,15 @@ def connect(kubeconfig: str | None, context: str | None) -> tuple[Any, str]:
                 config_file=kubeconfig, context=context
             )
         except ConfigException:
-            if kubeconfig or context:
+            if kubeconfig or context or os.environ.get("KUBECONFIG"):
                 raise
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            try:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except ConfigException:
+                raise KubeError(
+                    "no kubeconfig (--kubeconfig, $KUBECONFIG or ~/.kube/config) and not "
+                    "running in a cluster"
+                ) from None
             return client.ApiClient(), ""
         contexts, active = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
             config_file=kubeconfig
