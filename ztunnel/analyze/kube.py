@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ztunnel.meshconfig.source import SourceDocument
@@ -27,6 +27,7 @@ class KubeList:
     version: str
     plural: str
     available_as: str
+    older: tuple[str, ...] = ()  # versions to try when this one is not served (older CRDs)
 
     @property
     def api_version(self) -> str:
@@ -38,30 +39,28 @@ class KubeList:
         return f"{base}/{self.plural}"
 
 
+_ISTIO, _SECURITY = "networking.istio.io", "security.istio.io"
+_GATEWAY = "gateway.networking.k8s.io"
+_BETA = ("v1beta1",)  # Istio before 1.22 and older Gateway API CRDs serve only v1beta1
 LISTS: tuple[KubeList, ...] = (
     KubeList("Namespace", "", "v1", "namespaces", "Namespace"),
     KubeList("Service", "", "v1", "services", "Service"),
     KubeList("Pod", "", "v1", "pods", "Pod"),
-    KubeList("VirtualService", "networking.istio.io", "v1", "virtualservices", "VirtualService"),
-    KubeList("DestinationRule", "networking.istio.io", "v1", "destinationrules", "DestinationRule"),
-    KubeList("ServiceEntry", "networking.istio.io", "v1", "serviceentries", "ServiceEntry"),
-    KubeList("Gateway", "networking.istio.io", "v1", "gateways", "IstioGateway"),
+    KubeList("VirtualService", _ISTIO, "v1", "virtualservices", "VirtualService", _BETA),
+    KubeList("DestinationRule", _ISTIO, "v1", "destinationrules", "DestinationRule", _BETA),
+    KubeList("ServiceEntry", _ISTIO, "v1", "serviceentries", "ServiceEntry", _BETA),
+    KubeList("Gateway", _ISTIO, "v1", "gateways", "IstioGateway", _BETA),
     KubeList(
         "AuthorizationPolicy",
-        "security.istio.io",
+        _SECURITY,
         "v1",
         "authorizationpolicies",
         "AuthorizationPolicy",
+        _BETA,
     ),
-    KubeList("Gateway", "gateway.networking.k8s.io", "v1", "gateways", "Gateway"),
-    KubeList("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute"),
-    KubeList(
-        "ReferenceGrant",
-        "gateway.networking.k8s.io",
-        "v1beta1",
-        "referencegrants",
-        "ReferenceGrant",
-    ),
+    KubeList("Gateway", _GATEWAY, "v1", "gateways", "Gateway", _BETA),
+    KubeList("HTTPRoute", _GATEWAY, "v1", "httproutes", "HTTPRoute", _BETA),
+    KubeList("ReferenceGrant", _GATEWAY, "v1beta1", "referencegrants", "ReferenceGrant"),
 )
 
 
@@ -89,26 +88,33 @@ def snapshot(fetch: Fetch, lists: tuple[KubeList, ...] = LISTS) -> ClusterSnapsh
     docs: list[SourceDocument] = []
     available: set[str] = set()
     for spec in lists:
-        token = ""
-        try:
-            while True:
-                body = fetch(spec, token)
-                items = body.get("items")
-                if not isinstance(items, list):
-                    raise KubeError(f"{spec.path}: the answer has no items list")
-                for item in items:
-                    if not isinstance(item, Mapping):
-                        raise KubeError(f"{spec.path}: an item is not an object")
-                    obj = {"apiVersion": spec.api_version, "kind": spec.kind, **item}
-                    docs.append(SourceDocument(obj, CLUSTER, len(docs), 0))
-                meta = body.get("metadata")
-                token = str(meta.get("continue") or "") if isinstance(meta, Mapping) else ""
-                if not token:
-                    break
-        except NotServed:
-            continue
-        available.add(spec.available_as)
+        for version in (spec.version, *spec.older):
+            try:
+                docs.extend(_list_all(fetch, replace(spec, version=version), len(docs)))
+            except NotServed:
+                continue
+            available.add(spec.available_as)
+            break
     return ClusterSnapshot(docs, available)
+
+
+def _list_all(fetch: Fetch, spec: KubeList, first_index: int) -> list[SourceDocument]:
+    docs: list[SourceDocument] = []
+    token = ""
+    while True:
+        body = fetch(spec, token)
+        items = body.get("items")
+        if not isinstance(items, list):
+            raise KubeError(f"{spec.path}: the answer has no items list")
+        for item in items:
+            if not isinstance(item, Mapping):
+                raise KubeError(f"{spec.path}: an item is not an object")
+            obj = {"apiVersion": spec.api_version, "kind": spec.kind, **item}
+            docs.append(SourceDocument(obj, CLUSTER, first_index + len(docs), 0))
+        meta = body.get("metadata")
+        token = str(meta.get("continue") or "") if isinstance(meta, Mapping) else ""
+        if not token:
+            return docs
 
 
 class ClientFetcher:
