@@ -8,7 +8,8 @@ Where things are, bottom to top:
   `hbone.tls` (TLS contexts and SPIFFE peer checks).
 - I/O: `hbone.connection`/`hbone.pool`/`hbone.server` (HBONE over asyncio), `proxy.*`
   (outbound, inbound, SOCKS5, relay), `capture` (eBPF via bcc + pyroute2).
-- composition root and commands: `app` (the Agent), `cli`, `demo`, `lab`.
+- composition root and commands: `app` (the Agent), `cli`, `demo`, `lab`, `analyze`
+  (istioctl-style configuration analysis on `meshconfig`).
 """
 
 __version__ = "0.1.0"

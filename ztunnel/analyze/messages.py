@@ -116,6 +116,12 @@ VirtualServiceHostNotFoundInGateway = _t(
     W,
     "one or more host %v defined in VirtualService %s not found in Gateway %s.",
 )
+IngressRouteRulesNotAffected = _t(
+    "IST0140",
+    "IngressRouteRulesNotAffected",
+    W,
+    "Subset in virtual service %s has no effect on ingress gateway %s requests",
+)
 SchemaWarning = _t("IST0133", "SchemaWarning", W, "Schema validation warning: %v")
 ExternalNameServiceTypeInvalidPortName = _t(
     "IST0150",
@@ -166,6 +172,7 @@ REPORTED: tuple[MessageType, ...] = (
     VirtualServiceIneffectiveMatch,
     VirtualServiceHostNotFoundInGateway,
     SchemaWarning,
+    IngressRouteRulesNotAffected,
     ExternalNameServiceTypeInvalidPortName,
     NegativeConditionStatus,
     DestinationRuleSubsetNotSelectPods,

@@ -116,6 +116,7 @@ def conflicting_mesh_gateway_hosts(ctx: Context) -> None:
 
 def destination_hosts(ctx: Context) -> None:
     services = registry.build(ctx)
+    _ingress_subsets(ctx)
     for vs in ctx.cs.virtual_services:
         ns = vs.meta.namespace
         for kind, dests in (
@@ -146,6 +147,34 @@ def destination_hosts(ctx: Context) -> None:
                         f"{host}:{port}",
                         at=d.line_path,
                     )
+
+
+def _ingress_subsets(ctx: Context) -> None:
+    """IST0140 (`analyzeSubset`): a gateway-bound rule routes to a host without a subset
+    while some VirtualService for that host splits it by subset: gateways ignore that split.
+    istioctl's line template for it names the rule's name, not `http`: it never finds a line.
+    """
+    with_subsets: list[tuple[VirtualService, str]] = []
+    for vs in ctx.cs.virtual_services:
+        for rule in vs.http:
+            for rd in rule.route:
+                if rd.destination.subset and rd.destination.host in vs.hosts:
+                    with_subsets.append((vs, rd.destination.host))
+    for vs in ctx.cs.virtual_services:
+        if not vs.gateways:
+            continue
+        for rule in vs.http:
+            for rd in rule.route:
+                if rd.destination.subset:
+                    continue
+                for other, host in with_subsets:
+                    if host == rd.destination.host:
+                        ctx.report(
+                            msg.IngressRouteRulesNotAffected,
+                            vs.meta,
+                            f"{other.meta.namespace}/{other.meta.name}",
+                            f"{vs.meta.namespace}/{vs.meta.name}",
+                        )
 
 
 # ---- IST0101 subset -------------------------------------------------------------------------
