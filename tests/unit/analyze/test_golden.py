@@ -29,6 +29,7 @@ POSITIVE = [
     ("ist0118-positive", 0),
     ("ist0127-positive", 0),
     ("ist0130-positive", 0),
+    ("ist0133-positive", 0),
     ("ist0140-positive", 0),
     ("ist0173-positive", 79),
     ("ambient-l7-policy-positive", 0),
