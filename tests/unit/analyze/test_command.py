@@ -51,7 +51,10 @@ def test_failure_threshold_and_output_threshold(analyze: Analyze) -> None:
     assert r.rc == 79
     assert r.err.startswith("Error: Analyzers found issues when analyzing all namespaces.")
     r = analyze("-A", "--output-threshold", "Warning", "ist0118-positive.yaml")
-    assert (r.rc, r.out) == (0, "\n")  # the Info messages are not shown...
+    assert [line[:17] for line in r.lines] == ["Warning [IST0150]"]  # no Info lines...
+    assert (r.rc, r.err) == (0, "")
+    r = analyze("-A", "--output-threshold", "Error", "ist0118-positive.yaml")
+    assert (r.rc, r.out) == (0, "\n")
     assert r.err == "\u2714 No validation issues found when analyzing ist0118-positive.yaml.\n"
     r = analyze("-A", "--output-threshold", "ERROR", "ist0173-positive.yaml")
     assert [line[:15] for line in r.lines] == ["Error [IST0173]"]  # ...nor the warning
