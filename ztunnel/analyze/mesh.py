@@ -64,13 +64,6 @@ def in_mesh(ctx: Context, pod: PodView) -> bool:
     return sidecar_injected(ctx, pod) or ambient(ctx, pod)
 
 
-def namespace_is_ambient(labels: Mapping[str, str]) -> bool:
-    """`util.NamespaceInAmbientMode`: labelled ambient and not for sidecar injection."""
-    if labels.get(INJECTION_LABEL) == "enabled" or labels.get(REVISION_LABEL):
-        return False
-    return labels.get(DATAPLANE_MODE) == "ambient"
-
-
 # ---- waypoints ------------------------------------------------------------------------------
 
 
