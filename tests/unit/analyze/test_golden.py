@@ -35,7 +35,7 @@ POSITIVE = [
     ("ambient-l7-policy-positive", 0),
     ("ambient-waypoint-positive", 79),
     ("ambient-sidecar-positive", 0),
-    ("conditions", 0),
+    ("conditions-positive", 0),
 ]
 NEGATIVE = sorted(p.stem for p in TESTDATA.glob("*-negative.yaml"))
 
@@ -62,7 +62,7 @@ def test_negative_fixture_is_clean(analyze: Analyze, fixture: str) -> None:
 def test_every_analyzer_family_has_both_fixtures() -> None:
     positives = {f.removesuffix("-positive") for f, _ in POSITIVE}
     negatives = {f.removesuffix("-negative") for f in NEGATIVE}
-    assert positives - {"conditions"} == negatives
+    assert positives == negatives
 
 
 VS = """\
