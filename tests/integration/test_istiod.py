@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 from google.protobuf import any_pb2
 from prometheus_client.registry import CollectorRegistry
 
+from tests.integration.conftest import mesh_config, tls_context
 from ztunnel.authz import Action, AuthorizationPolicy, Match, Scope
 from ztunnel.ca import CertificateAuthority
 from ztunnel.certs import CertificateManager
@@ -30,7 +30,6 @@ from ztunnel.testing import async_wait_for
 from ztunnel.xds import convert
 from ztunnel.xds.client import XdsClient
 from ztunnel.xds.config import istiod_config
-from tests.integration.conftest import mesh_config
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +96,9 @@ class Env:
 
 
 async def _env(tmp_path: Path, **kw: Any) -> Env:
-    istiod = TestIstiod(CertificateAuthority.create("cluster.local"), tokens={"token-1", "token-2"}, **kw)
+    istiod = TestIstiod(
+        CertificateAuthority.create("cluster.local"), tokens={"token-1", "token-2"}, **kw
+    )
     istiod.set_state(demo_state())
     await istiod.start()
     return Env(tmp_path, istiod)
@@ -120,7 +121,10 @@ async def test_initial_sync_builds_the_mesh_state_and_identifies_the_node(tmp_pa
         assert s.metadata["clusterid"] == "cluster-1"
         first = s.initial(convert.ADDRESS_TYPE)
         assert first is not None
-        assert first.node.id == "ztunnel~10.0.0.5~ztunnel-abc.istio-system~istio-system.svc.cluster.local"
+        assert (
+            first.node.id
+            == "ztunnel~10.0.0.5~ztunnel-abc.istio-system~istio-system.svc.cluster.local"
+        )
         meta = dict(first.node.metadata.fields)
         assert meta["NAME"].string_value == "ztunnel-abc"
         assert meta["NODE_NAME"].string_value == "node-a"
@@ -132,3 +136,235 @@ async def test_initial_sync_builds_the_mesh_state_and_identifies_the_node(tmp_pa
         assert {t["type_url"]: t["resources"] for t in status["types"]}[convert.ADDRESS_TYPE] == 5
     finally:
         await e.close()
+
+
+def terminations(c: XdsClient, reason: str | None = None) -> float:
+    """istio_xds_connection_terminations_total, for one reason or all, as scraped."""
+    total = 0.0
+    for metric in c.metrics.terminations.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and reason in (None, sample.labels["reason"]):
+                total += sample.value
+    return total
+
+
+def _held(store: WorkloadStore) -> tuple[set[str], set[str], set[str]]:
+    st = store.current
+    return (
+        {w.uid for w in st.workloads},
+        {s.key for s in st.services},
+        {p.key for p in st.policies},
+    )
+
+
+async def test_incremental_add_update_remove(tmp_path: Path) -> None:
+    e = await _env(tmp_path)
+    try:
+        store = WorkloadStore()
+        c = e.client(store)
+        await asyncio.wait_for(c.synced.wait(), 10)
+        base = demo_state()
+        # Add a policy and change a workload.
+        echo_b = next(w for w in base.workloads if w.name == "echo-b")
+        changed = replace(echo_b, canonical_revision="v2")
+        e.istiod.set_state(
+            MeshState.build(
+                [changed if w is echo_b else w for w in base.workloads],
+                base.services,
+                [deny_policy()],
+            )
+        )
+        await async_wait_for(lambda: len(store.current.policies) == 1, 10)
+        await async_wait_for(
+            lambda: store.current.by_uid[echo_b.uid].canonical_revision == "v2", 10
+        )
+        s = e.istiod.streams[0]
+        # Only what changed was sent: one workload and one policy.
+        pushed = [r for r in s.sent if r.resources]
+        assert [len(r.resources) for r in pushed[-2:]] in ([1, 1],)
+        # Remove a workload and the policy.
+        e.istiod.set_state(
+            MeshState.build([w for w in base.workloads if w is not echo_b], base.services, [])
+        )
+        await async_wait_for(lambda: echo_b.uid not in store.current.by_uid, 10)
+        await async_wait_for(lambda: not store.current.policies, 10)
+        assert any(echo_b.uid in r.removed_resources for r in s.sent)
+        assert not s.nacks
+    finally:
+        await e.close()
+
+
+async def test_bad_resource_is_nacked_by_name_and_the_rest_applied(tmp_path: Path) -> None:
+    e = await _env(tmp_path)
+    try:
+        store = WorkloadStore()
+        c = e.client(store)
+        await asyncio.wait_for(c.synced.wait(), 10)
+        e.istiod.inject_bad(
+            convert.ADDRESS_TYPE,
+            "Kubernetes//Pod/shop/broken",
+            any_pb2.Any(type_url=convert.ADDRESS_TYPE, value=b"\xff\xff\xff garbage"),
+        )
+        base = demo_state()
+        e.istiod.set_state(MeshState.build(base.workloads, base.services, [deny_policy()]))
+        s = e.istiod.streams[0]
+        await e.istiod.wait_for(lambda: any(t == convert.ADDRESS_TYPE for t, _, _ in s.nacks))
+        nack = next(m for t, _, m in s.nacks if t == convert.ADDRESS_TYPE)
+        assert "Kubernetes//Pod/shop/broken" in nack and "decode" in nack
+        await async_wait_for(lambda: len(store.current.policies) == 1, 10)
+        assert len(store.current.workloads) == len(base.workloads)  # good ones kept
+        st = {t["type_url"]: t for t in c.status()["types"]}[convert.ADDRESS_TYPE]
+        assert st["last_nack"]["error"].startswith("Kubernetes//Pod/shop/broken")
+        assert "Kubernetes//Pod/shop/broken" in st["rejected"]
+        # Fixed by istiod: the next push replaces it and is ACKed.
+        e.istiod.clear_bad()
+        await e.istiod.wait_for(lambda: s.acks[-1][0] == convert.ADDRESS_TYPE)
+    finally:
+        await e.close()
+
+
+async def test_restart_keeps_state_and_resumes_with_initial_resource_versions(
+    tmp_path: Path,
+) -> None:
+    e = await _env(tmp_path)
+    try:
+        store = WorkloadStore()
+        c = e.client(store)
+        await asyncio.wait_for(c.synced.wait(), 10)
+        held = _held(store)
+        await e.istiod.stop()
+        await async_wait_for(lambda: not c.status()["connected"], 10)
+        assert _held(store) == held  # still serving the last good state
+        base = demo_state()
+        e.istiod.set_state(MeshState.build(base.workloads, base.services, [deny_policy()]))
+        await e.istiod.start()
+        await e.istiod.wait_for(lambda: len(e.istiod.streams) == 2 and e.istiod.streams[1].acks)
+        second = e.istiod.streams[1]
+        init = second.initial(convert.ADDRESS_TYPE)
+        assert init is not None
+        assert set(init.initial_resource_versions) == held[0] | held[1]
+        await async_wait_for(lambda: len(store.current.policies) == 1, 10)
+        # Unchanged addresses were not sent again.
+        await e.istiod.wait_for(lambda: len(second.acks) >= 2)
+        addr = [r for r in second.sent if r.type_url == convert.ADDRESS_TYPE]
+        assert all(not r.resources for r in addr)
+        assert terminations(c) >= 1
+            >= 1
+        )
+    finally:
+        await e.close()
+
+
+async def test_token_rotation_is_picked_up_by_xds_and_ca(tmp_path: Path) -> None:
+    e = await _env(tmp_path)
+    try:
+        c = e.client()
+        await asyncio.wait_for(c.synced.wait(), 10)
+        e.token.write_text("token-2")
+        e.istiod.tokens = {"token-2"}
+        await e.istiod.restart()
+        await e.istiod.wait_for(lambda: len(e.istiod.streams) >= 2 and e.istiod.streams[-1].acks)
+        assert e.istiod.streams[-1].metadata["authorization"] == "Bearer token-2"
+        ca = e.ca_source()
+        cert = await ca.fetch(ECHO)
+        assert cert.identity == ECHO
+        assert e.istiod.ca_calls[-1].metadata["authorization"] == "Bearer token-2"
+        await ca.close()
+    finally:
+        await e.close()
+
+
+async def test_untrusted_istiod_is_refused(tmp_path: Path) -> None:
+    other = CertificateAuthority.create("cluster.local")
+    e = await _env(tmp_path, serving_ca=other)
+    try:
+        c = e.client()
+        await async_wait_for(
+            lambda: terminations(c, "ConnectionError") >= 2, 10
+        )
+        assert not c.synced.is_set()
+        assert not e.istiod.streams  # no stream ever reached the handler
+        assert "UNAVAILABLE" in (c.last_error or "")
+        assert c.pending() and "istiod" in c.pending()[0]
+        with pytest.raises(CertificateError):
+            await e.ca_source().fetch(ECHO)
+    finally:
+        await e.close()
+
+
+async def test_ca_issues_checks_and_survives_outage_and_garbage(tmp_path: Path) -> None:
+    e = await _env(tmp_path)
+    try:
+        ca = e.ca_source(secret_ttl="2s")
+        certs = CertificateManager(ca)
+        first = await certs.get(ECHO)
+        call = e.istiod.ca_calls[-1]
+        assert call.identity == ECHO.uri
+        assert call.metadata["clusterid"] == "cluster-1"
+        assert (first.not_after - first.not_before) <= dt.timedelta(minutes=5, seconds=3)
+        e.istiod.ca_mode = "garbage"
+        with pytest.raises(CertificateError) as bad:
+            await ca.fetch(ECHO)
+        assert "answered badly" in str(bad.value) and "PEM" in str(bad.value)
+        e.istiod.ca_mode = "unavailable"
+        with pytest.raises(CertificateError) as down:
+            await ca.fetch(WEB)
+        assert "UNAVAILABLE" in str(down.value)
+        # The renewal (half-life of 2 s) fails meanwhile; the still-valid cert stays in use.
+        await e.istiod.wait_for(lambda: len(e.istiod.ca_calls) >= 4, 10)
+        assert certs.cached(ECHO) is first
+        snap = {s["identity"]: s for s in certs.snapshot()}[ECHO.uri]
+        assert snap["last_error"] and "UNAVAILABLE" in snap["last_error"]
+        # Recovery: renewed on the next try.
+        e.istiod.ca_mode = "ok"
+        await async_wait_for(lambda: certs.cached(ECHO) not in (None, first), 10)
+        await certs.close()
+        await ca.close()
+    finally:
+        await e.close()
+
+
+async def test_root_rotation_trusts_old_and_new_roots(tmp_path: Path) -> None:
+    e = await _env(tmp_path)
+    try:
+        ca = e.ca_source()
+        certs = CertificateManager(ca)
+        web = await certs.get(WEB)
+        old_root = e.istiod.ca.roots[0]
+        new_ca = CertificateAuthority.create("cluster.local")
+        e.istiod.ca = new_ca
+        e.istiod.extra_roots = [old_root]
+        echo = await certs.get(ECHO)  # signed by the new root, bundle holds both
+        assert len(echo.roots_pem) == 2
+        # The certificate issued before the rotation now trusts the new root too.
+        assert set(certs.cached(WEB).roots_pem) == set(echo.roots_pem)  # type: ignore[union-attr]
+        assert certs.cached(WEB).chain_pem == web.chain_pem  # type: ignore[union-attr]
+        # Peers signed by either root verify with either certificate's trust store.
+        web_now = certs.cached(WEB)
+        assert web_now is not None
+        for client, server in ((web_now, echo), (echo, web_now)):
+            assert await _handshake(tls_context(client), tls_context(server, server=True))
+        # Without the update, the old certificate's store would refuse the new root's peer.
+        assert not await _handshake(tls_context(echo), tls_context(web, server=True))
+        await certs.close()
+        await ca.close()
+    finally:
+        await e.close()
+
+
+async def _handshake(client: Any, server: Any) -> bool:
+    """A TLS handshake over loopback between two contexts; True when both sides verified."""
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"x")
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=server)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="")
+        ok = await r.read(1) == b"x"
+        w.close()
+        return ok
+    finally:
+        srv.close()
