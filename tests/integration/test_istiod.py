@@ -249,8 +249,6 @@ async def test_restart_keeps_state_and_resumes_with_initial_resource_versions(
         addr = [r for r in second.sent if r.type_url == convert.ADDRESS_TYPE]
         assert all(not r.resources for r in addr)
         assert terminations(c) >= 1
-            >= 1
-        )
     finally:
         await e.close()
 
@@ -279,9 +277,7 @@ async def test_untrusted_istiod_is_refused(tmp_path: Path) -> None:
     e = await _env(tmp_path, serving_ca=other)
     try:
         c = e.client()
-        await async_wait_for(
-            lambda: terminations(c, "ConnectionError") >= 2, 10
-        )
+        await async_wait_for(lambda: terminations(c, "ConnectionError") >= 2, 10)
         assert not c.synced.is_set()
         assert not e.istiod.streams  # no stream ever reached the handler
         assert "UNAVAILABLE" in (c.last_error or "")
@@ -354,6 +350,7 @@ async def test_root_rotation_trusts_old_and_new_roots(tmp_path: Path) -> None:
 
 async def _handshake(client: Any, server: Any) -> bool:
     """A TLS handshake over loopback between two contexts; True when both sides verified."""
+
     async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b"x")
         await w.drain()
