@@ -46,7 +46,7 @@ def test_csr_carries_only_the_spiffe_san() -> None:
 def test_check_chain_accepts_a_good_answer_and_explains_bad_ones() -> None:
     ca, other = CertificateAuthority.create(), CertificateAuthority.create()
     key = new_key()
-    leaf, middle, roots = check_chain(ECHO, key, answer(ca, ECHO, key), NOW)
+    _, middle, roots = check_chain(ECHO, key, answer(ca, ECHO, key), NOW)
     assert roots == [ca.cert] and middle == []
     cases = [
         ([], "empty certificate chain"),

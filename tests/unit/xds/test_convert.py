@@ -153,7 +153,7 @@ def test_services_policies_and_wrappers_reject_what_they_cannot_use() -> None:
     pol.rules.add().clauses.add().matches.add().source_ips.add(address=bytes(4), length=33)
     with pytest.raises(convert.ConversionError, match=r"source_ips\[0\].length: 33"):
         convert.policy_from_proto(pol)
-    with pytest.raises(convert.ConversionError, match="expected 'type.googleapis.com/istio"):
+    with pytest.raises(convert.ConversionError, match=r"expected 'type\.googleapis\.com/istio"):
         convert.address_from_any(any_pb2.Any(type_url="type.googleapis.com/x.Y"))
     with pytest.raises(convert.ConversionError, match="cannot decode"):
         convert.policy_from_any(any_pb2.Any(type_url=convert.AUTHORIZATION_TYPE, value=b"\x0a\xff"))
