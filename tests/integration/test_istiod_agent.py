@@ -156,3 +156,97 @@ async def test_agent_keeps_serving_while_istiod_is_down(imesh: IstiodMesh) -> No
     assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
     w.close()
     assert len(m.b.store.current.policies) == 1
+
+
+async def test_ztunnel_run_with_istiod_env_becomes_ready_only_after_the_sync(
+    tmp_path: Path,
+) -> None:
+    """`ztunnel run` as a DaemonSet would start it: only Istio's environment variables, the
+    root certificate and token as mounted files; readiness 500 until istiod answers."""
+    import sys
+    import urllib.error
+    import urllib.request
+    from typing import Any
+
+    from tests.integration.test_agent_cli import clean_env, port_args
+    from ztunnel.testing import free_ports
+
+    ca = CertificateAuthority.create("cluster.local")
+    istiod = TestIstiod(ca, tokens={"projected-jwt"})
+    net = "127.66.5"
+    istiod.set_state(parse_documents([mesh_config(net)], "test"))
+    istiod.ca_mode = "unavailable"
+    await istiod.start()
+    root = tmp_path / "var/run/secrets/istio/root-cert.pem"
+    token = tmp_path / "var/run/secrets/tokens/istio-token"
+    root.parent.mkdir(parents=True)
+    token.parent.mkdir(parents=True)
+    root.write_bytes(istiod.root_pem)
+    token.write_text("projected-jwt")
+    admin, ready = free_ports(2)
+    env = clean_env() | {
+        "XDS_ADDRESS": istiod.address,
+        "CA_ADDRESS": istiod.address,
+        "ALT_XDS_HOSTNAME": "istiod.istio-system.svc",
+        "ALT_CA_HOSTNAME": "istiod.istio-system.svc",
+        "ISTIO_META_CLUSTER_ID": "lab-cluster",
+        "POD_NAME": "ztunnel-x1",
+        "POD_NAMESPACE": "istio-system",
+        "INSTANCE_IP": "127.0.0.1",
+        "NODE_NAME": "node-b",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ztunnel",
+        "run",
+        *port_args(),
+        "--admin-port",
+        str(admin),
+        "--readiness-port",
+        str(ready),
+        "--stats-port",
+        "0",
+        cwd=tmp_path,  # the default paths are relative: ./var/run/secrets/...
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+
+    def readiness() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ready}/healthz/ready", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError as e:
+            return 0, str(e)
+
+    async def poll(pred: Any, timeout: float = 30) -> tuple[int, str]:
+        """Readiness from a thread (the test istiod runs on this loop), until `pred`."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            code, body = await asyncio.to_thread(readiness)
+            if pred(code, body):
+                return code, body
+            assert asyncio.get_running_loop().time() < deadline, (code, body)
+            await asyncio.sleep(0.05)
+
+    try:
+        # Synced, but the CA is down: not ready, and readiness says why.
+        await istiod.wait_for(lambda: any(s.acks for s in istiod.streams), 20)
+        code, body = await poll(lambda c, b: "UNAVAILABLE" in b)
+        assert code == 500 and "certificate: spiffe://cluster.local/ns/shop/sa/echo" in body
+        s = istiod.streams[0]
+        assert s.metadata["clusterid"] == "lab-cluster"
+        assert s.metadata["authorization"] == "Bearer projected-jwt"
+        assert s.requests[0].node.id == (
+            "ztunnel~127.0.0.1~ztunnel-x1.istio-system~istio-system.svc.cluster.local"
+        )
+        istiod.ca_mode = "ok"
+        await poll(lambda c, b: c == 200)
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        await istiod.stop()
+    assert proc.returncode == 0, err.decode()[-2000:]
