@@ -138,7 +138,9 @@ class DeltaAdsClient:
                 if not res.HasField("resource"):
                     raise ZtunnelError("resource has no body")
                 value = convert(res.resource)
-            except ZtunnelError as e:
+            except Exception as e:  # a converter's bug must not take the stream down either
+                if not isinstance(e, ZtunnelError):
+                    e = ZtunnelError(f"cannot convert ({type(e).__name__}: {e})")
                 rejected.append(Rejection(name, str(e)))
                 st.rejected[name] = str(e)
                 # Not held: an old good version stays in use, but we do not claim to hold

@@ -232,6 +232,12 @@ class XdsClient:
             ):
                 return RECONNECT, got_response
             return ERROR, got_response
+        except (OSError, ValueError, ZtunnelError) as e:
+            # Whatever else breaks one stream (a channel that cannot be built, a failed write)
+            # ends only that stream: the loop reconnects.
+            log.exception("xds stream to %s failed", self.endpoint)
+            self.last_error = f"{type(e).__name__}: {e}"
+            return ERROR, got_response
         finally:
             if self.connected_since is not None:
                 self.last_disconnect = self._now()

@@ -109,3 +109,12 @@ def test_nack_text_is_bounded() -> None:
     assert len(r.reply.error_detail.message.encode()) <= 16 * 1024
     assert r.reply.error_detail.message.endswith("(truncated)")
     assert len(r.rejected) == 500
+
+
+def test_a_converter_bug_is_a_rejection_not_a_crash() -> None:
+    def broken(res: any_pb2.Any) -> str:
+        raise KeyError("boom")
+
+    c = DeltaAdsClient(base_pb2.Node(id="n"), {A: broken})
+    r = c.receive(response(A, "1", {"x": ("v", b"X")}), NOW)
+    assert not r.acked and "cannot convert (KeyError" in r.reply.error_detail.message
