@@ -68,7 +68,7 @@ def generate(out: Path) -> list[Path]:
                 continue
             rel = src.relative_to(raw)
             text = src.read_text()
-            if "_pb2_grpc." in rel.name and "class " not in text.split("import grpc", 1)[-1]:
+            if "_pb2_grpc." in rel.name and "Stub" not in text:
                 continue  # a proto without services: the plugins still write empty stubs
             dst = out / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
