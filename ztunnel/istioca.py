@@ -189,6 +189,7 @@ class IstioCaSource:
         self.timeout = timeout
         self.bundle = TrustBundle(dt.timedelta(seconds=cfg.secret_ttl))
         self._channel: grpc.aio.Channel | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self._root_fp: object = None
         self._roots_listeners: list[Callable[[tuple[bytes, ...]], None]] = []
         self.requests = 0
@@ -212,6 +213,8 @@ class IstioCaSource:
             if old is not None:
                 task = asyncio.ensure_future(old.close(grace=self.timeout))
                 task.set_name("ca-channel-close")
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
         return ca_pb2_grpc.IstioCertificateServiceStub(self._channel)
 
     async def fetch(self, identity: SpiffeId) -> IssuedCertificate:
@@ -289,3 +292,6 @@ class IstioCaSource:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+        for task in list(self._closing):
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)

@@ -17,7 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from tests.integration.conftest import mesh_config, tls_context
 from ztunnel.authz import Action, AuthorizationPolicy, Match, Scope
-from ztunnel.ca import CertificateAuthority
+from ztunnel.ca import CertificateAuthority, cert_pem
 from ztunnel.certs import CertificateManager
 from ztunnel.config import Settings
 from ztunnel.errors import CertificateError
@@ -365,3 +365,30 @@ async def _handshake(client: Any, server: Any) -> bool:
         return ok
     finally:
         srv.close()
+
+
+async def test_rotated_serving_root_is_trusted_once_the_mounted_file_changes(
+    tmp_path: Path,
+) -> None:
+    e = await _env(tmp_path)
+    try:
+        store = WorkloadStore()
+        c = e.client(store)
+        ca = e.ca_source()
+        await asyncio.wait_for(c.synced.wait(), 10)
+        await ca.fetch(ECHO)
+        # istiod comes back with a serving certificate under a new root ...
+        new_root = CertificateAuthority.create("cluster.local")
+        e.istiod.serving_ca = new_root
+        await e.istiod.restart()
+        with pytest.raises(CertificateError):
+            await ca.fetch(ECHO)  # ... that the old mounted root does not trust
+        # ... until the mounted root file is updated (as the ConfigMap would be).
+        e.root.write_bytes(e.istiod.root_pem + b"".join(cert_pem(r) for r in new_root.roots))
+        await ca.fetch(ECHO)
+        await e.istiod.wait_for(
+            lambda: len(e.istiod.streams) >= 2 and bool(e.istiod.streams[-1].acks), 20
+        )
+        await ca.close()
+    finally:
+        await e.close()

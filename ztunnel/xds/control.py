@@ -4,7 +4,6 @@ readiness waits for and what `/config_dump` shows about them."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from prometheus_client.registry import CollectorRegistry
@@ -23,10 +22,9 @@ class ControlPlane:
         self.ca = IstioCaSource(self.config) if self.config.ca else None
 
     async def run(self) -> None:
+        """Keep the xDS stream (the CA is asked on demand: nothing to run for it)."""
         if self.xds is not None:
             await self.xds.run()
-        else:
-            await asyncio.Event().wait()  # nothing to run: the CA is asked on demand
 
     def pending(self) -> list[str]:
         """Readiness: the first complete sync of both xDS types."""
