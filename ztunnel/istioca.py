@@ -30,7 +30,7 @@ from google.protobuf import struct_pb2
 from ztunnel.ca import IssuedCertificate, cert_pem, key_pem, new_key
 from ztunnel.errors import CertificateError, ZtunnelError
 from ztunnel.identity import SpiffeId
-from ztunnel.xds.client import secure_channel
+from ztunnel.xds.client import reraise_cancellation, secure_channel
 from ztunnel.xds.config import Endpoint, IstiodConfig
 from ztunnel.xds.gen.istio.v1.auth import ca_pb2, ca_pb2_grpc
 
@@ -244,6 +244,7 @@ class IstioCaSource:
                 req, metadata=metadata, timeout=self.timeout
             )
         except grpc.aio.AioRpcError as e:
+            reraise_cancellation()
             raise CertificateError(
                 f"Istio CA at {self.endpoint}: {e.code().name}: {e.details()}"
             ) from None

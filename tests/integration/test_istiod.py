@@ -392,3 +392,37 @@ async def test_rotated_serving_root_is_trusted_once_the_mounted_file_changes(
         await ca.close()
     finally:
         await e.close()
+
+
+async def test_cancelling_the_clients_ends_them_at_any_moment(tmp_path: Path) -> None:
+    """Agent shutdown cancels the xDS task and renewals: whatever grpc is doing then (a TLS
+    handshake that fails, a stream, a CA call), the cancellation must not become a retry."""
+    import random
+
+    other = CertificateAuthority.create("cluster.local")
+    e = await _env(tmp_path, serving_ca=other)
+    (tmp_path / "good").mkdir()
+    good = await _env(tmp_path / "good")
+    try:
+        rng = random.Random(7)
+        for env in (e, good):
+            for _ in range(15):
+                c = env.client()
+                task = env.tasks.pop()
+                await asyncio.sleep(rng.uniform(0, 0.08))
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=5)
+                assert done and task.cancelled(), c.status()
+                ca = env.ca_source()
+                fetch = asyncio.ensure_future(ca.fetch(ECHO))
+                await asyncio.sleep(rng.uniform(0, 0.03))
+                fetch.cancel()
+                done, _ = await asyncio.wait({fetch}, timeout=5)
+                # Ended: cancelled, or finished just before (a certificate or a clear error).
+                assert done
+                if not fetch.cancelled() and fetch.exception() is not None:
+                    assert isinstance(fetch.exception(), CertificateError)
+                await ca.close()
+    finally:
+        await e.close()
+        await good.close()

@@ -177,6 +177,7 @@ class XdsClient:
         backoff = BACKOFF_START
         while not self._stopping:
             reason, healthy = await self._connect_once()
+            reraise_cancellation()
             self.metrics.terminations.labels(reason).inc()
             if healthy or reason in (RECONNECT, COMPLETE):
                 backoff = BACKOFF_START
@@ -221,6 +222,7 @@ class XdsClient:
             self.last_error = "stream closed by istiod"
             return COMPLETE, got_response
         except grpc.aio.AioRpcError as e:
+            reraise_cancellation()
             code = e.code()
             self.last_error = f"{code.name}: {e.details()}"
             if not got_response and code == grpc.StatusCode.UNAVAILABLE:
@@ -275,6 +277,14 @@ class XdsClient:
 
     def stop(self) -> None:
         self._stopping = True
+
+
+def reraise_cancellation() -> None:
+    """grpc turns the cancellation of the task awaiting a call into a CANCELLED call error;
+    when that task is being cancelled, the cancellation must go on, not become a retry."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _drain(
