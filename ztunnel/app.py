@@ -338,6 +338,9 @@ class Agent:
         lst = self.listeners.pop(key)
         if lst.server is not None:
             lst.server.close()
+        if lst.kind == "hbone" and not self.draining:
+            # Its accept loop must end too, or the address stays taken (workload churn).
+            self.hbone.stop_serving(lst.sock)
         with contextlib.suppress(OSError):
             lst.sock.close()
 

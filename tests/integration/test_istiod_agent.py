@@ -250,3 +250,24 @@ async def test_ztunnel_run_with_istiod_env_becomes_ready_only_after_the_sync(
         _, err = await asyncio.wait_for(proc.communicate(), 20)
         await istiod.stop()
     assert proc.returncode == 0, err.decode()[-2000:]
+
+
+async def test_certificates_follow_the_local_workloads_pushed_by_istiod(imesh: IstiodMesh) -> None:
+    m = imesh
+    assert m.istiod is not None
+    echo_uri = "spiffe://cluster.local/ns/shop/sa/echo"
+    assert echo_uri in {c["identity"] for c in m.b.certs.snapshot()}
+    base = m.state()
+    # echo-b leaves node-b: its identity is forgotten there (no renewals, no cached key).
+    m.istiod.set_state(
+        MeshState.build([w for w in base.workloads if w.name != "echo-b"], base.services, [])
+    )
+    await async_wait_for(lambda: echo_uri not in {c["identity"] for c in m.b.certs.snapshot()}, 10)
+    assert echo_uri in {c["identity"] for c in m.a.certs.snapshot()}  # still local on node-a
+    # It comes back: prefetched again before any connection needs it, and ready again.
+    m.istiod.set_state(base)
+    await async_wait_for(lambda: echo_uri in {c["identity"] for c in m.b.certs.snapshot()}, 10)
+    try:
+        await async_wait_for(lambda: not readiness_pending(m.b), 10)
+    except TimeoutError:
+        raise AssertionError(readiness_pending(m.b)) from None
