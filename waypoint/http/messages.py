@@ -115,6 +115,7 @@ class BodyChannel:
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
+        self.done = asyncio.Event()  # set once the producer ended or anything failed
         self.trailers: HeaderList = []
         self.received = 0
 
@@ -127,6 +128,7 @@ class BodyChannel:
         body.trailers = trailers or []
         body._ended = True
         body._readable.set()
+        body.done.set()
         return body
 
     async def put(self, data: bytes) -> None:
@@ -156,6 +158,7 @@ class BodyChannel:
             self.trailers = list(trailers)
         self._ended = True
         self._readable.set()
+        self.done.set()
 
     def fail(self, error: BaseException) -> None:
         """The producer failed, or the consumer gave up: wake both sides."""
@@ -163,6 +166,7 @@ class BodyChannel:
             self._error = error
         self._readable.set()
         self._writable.set()
+        self.done.set()
 
     @property
     def ended(self) -> bool:
