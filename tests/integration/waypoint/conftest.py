@@ -88,8 +88,8 @@ class Backend:
                     }
                 ).encode()
                 w.write(
-                    b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                    % (status, len(out), out)
+                    b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (status, len(out), out)
                 )
                 await w.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
