@@ -156,15 +156,18 @@ class RequestHandler:
         """Count the response body as it goes to the client; record telemetry at its end."""
         rec.status = response.head.status
         rec.grpc_status = header(response.head.headers, "grpc-status") or rec.grpc_status
-        out = BodyChannel()
         src = response.body
+        # An already complete empty body stays recognisably empty (trailers-only answers).
+        done = src.ended and src.failed is None
+        out = BodyChannel.of(b"", src.trailers) if done else BodyChannel()
 
         async def pump() -> None:
             try:
                 async for chunk in src:
                     rec.response_bytes += len(chunk)
                     await out.put(chunk)
-                out.end(src.trailers)
+                if not out.ended:
+                    out.end(src.trailers)
                 rec.grpc_status = header(src.trailers, "grpc-status") or rec.grpc_status
             except BodyClosed as e:
                 rec.error = rec.error or f"response body: {e}"

@@ -352,6 +352,12 @@ class H2Session:
         try:
             headers = [(":status", str(response.head.status)), *forwardable(response.head.headers)]
             no_body = head.method == "HEAD" or response.head.status in (204, 304)
+            if response.body.ended and not response.body.trailers:
+                # An empty answer (a gRPC "trailers-only" status among them) is one HEADERS
+                # frame with END_STREAM, as gRPC clients require.
+                self.conn.send_headers(s.id, headers, end_stream=True)
+                await self._flush()
+                return
             self.conn.send_headers(s.id, headers, end_stream=False)
             await self._flush()
             if no_body:
