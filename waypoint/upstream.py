@@ -35,6 +35,17 @@ class Overflow(UpstreamError):
 class _Pool:
     h1_idle: list[H1ClientConnection] = field(default_factory=list)
     h2: list[H2Session] = field(default_factory=list)
+    open: int = 0  # connections of this endpoint, idle or busy
+
+
+def _may_open(cluster: Cluster, pool: _Pool, limits: ConnectionPool) -> bool:
+    """Under the cluster's connection limit; and, as Envoy does, always when this endpoint
+    has no connection at all (else its pending requests could never be served)."""
+    return (
+        limits.max_connections is None
+        or cluster.breaker.connections < limits.max_connections
+        or pool.open == 0
+    )
 
 
 @dataclass
@@ -62,19 +73,22 @@ class Upstreams:
         ev.set()
         self._changed[cluster.name] = asyncio.Event()
 
-    async def _open(self, cluster: Cluster, ep: Endpoint, limits: ConnectionPool) -> ByteStream:
+    async def _open(
+        self, cluster: Cluster, pool: _Pool, ep: Endpoint, limits: ConnectionPool
+    ) -> ByteStream:
+        # Counted from the start of the dial, so that concurrent requests see it.
         cluster.breaker.connections += 1
+        pool.open += 1
         try:
             async with asyncio.timeout(limits.connect_timeout):
                 stream = await self.connector(ep)
-        except TimeoutError:
+        except BaseException as e:
             cluster.breaker.connections -= 1
-            raise UpstreamError("connect-failure", f"connect to {ep.key} timed out") from None
-        except UpstreamError:
-            cluster.breaker.connections -= 1
-            raise
-        except Exception as e:
-            cluster.breaker.connections -= 1
+            pool.open -= 1
+            if isinstance(e, TimeoutError):
+                raise UpstreamError("connect-failure", f"connect to {ep.key} timed out") from None
+            if isinstance(e, UpstreamError) or not isinstance(e, Exception):
+                raise
             raise UpstreamError("connect-failure", f"connect to {ep.key} failed: {e}") from None
         self.connections_opened += 1
         return stream
@@ -141,13 +155,10 @@ class Upstreams:
                 if c.reusable:
                     conn = c
                     break
-                self._closed(cluster, c)
+                self._closed(cluster, c, pool)
             else:
-                if (
-                    limits.max_connections is None
-                    or cluster.breaker.connections < limits.max_connections
-                ):
-                    conn = H1ClientConnection(await self._open(cluster, ep, limits))
+                if _may_open(cluster, pool, limits):
+                    conn = H1ClientConnection(await self._open(cluster, pool, ep, limits))
                 else:
                     await self._wait_pending(cluster, limits)
                     continue
@@ -155,7 +166,7 @@ class Upstreams:
         try:
             response, channel = await conn.request(head, body, length, trailers)
         except UpstreamError:
-            self._closed(cluster, conn)
+            self._closed(cluster, conn, pool)
             self._notify(cluster)
             raise
 
@@ -168,15 +179,16 @@ class Upstreams:
             if conn.reusable and not over:
                 pool.h1_idle.append(conn)
             else:
-                self._closed(cluster, conn)
+                self._closed(cluster, conn, pool)
             self._notify(cluster)
 
         _when_done(channel, finish)
         return Exchange(response, channel, ep, finish=lambda: None)
 
-    def _closed(self, cluster: Cluster, conn: H1ClientConnection) -> None:
+    def _closed(self, cluster: Cluster, conn: H1ClientConnection, pool: _Pool) -> None:
         conn.close()
         cluster.breaker.connections -= 1
+        pool.open -= 1
 
     async def _h2(
         self,
@@ -197,11 +209,8 @@ class Upstreams:
             )
             if session is not None:
                 break
-            if (
-                limits.max_connections is None
-                or cluster.breaker.connections < limits.max_connections
-            ):
-                stream = await self._open(cluster, ep, limits)
+            if _may_open(cluster, pool, limits):
+                stream = await self._open(cluster, pool, ep, limits)
                 session = H2Session(stream, client=True)
                 await session.start()
                 pool.h2.append(session)
@@ -225,6 +234,7 @@ class Upstreams:
         with contextlib.suppress(ValueError):
             pool.h2.remove(session)
         cluster.breaker.connections -= 1
+        pool.open -= 1
         self._notify(cluster)
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from waypoint.config import WaypointSettings
 from ztunnel.app import Agent
 from ztunnel.ca import CertificateAuthority
 from ztunnel.config import Settings
-from ztunnel.testing import async_wait_for, random_loopback_net
+from ztunnel.testing import EchoServer, async_wait_for, random_loopback_net
 
 
 def ports(n: int) -> list[int]:
@@ -49,6 +49,7 @@ class Backend:
         self.requests: list[dict[str, str]] = []
         self.fail = False
         self.flaky = False
+        self.delay = 0.0
         self.server: asyncio.AbstractServer | None = None
 
     async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -75,6 +76,8 @@ class Backend:
                 self.requests.append(
                     {"method": method, "path": target, **headers, "body": body.decode()}
                 )
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 status = 200
                 if self.fail or (self.flaky and len(self.requests) % 2 == 1):
                     status = 500
@@ -105,7 +108,9 @@ class WaypointMesh:
     p: list[int] = field(default_factory=lambda: ports(8))
     backends: dict[str, Backend] = field(default_factory=dict)
     agents: list[Agent] = field(default_factory=list)
+    echo: list[EchoServer] = field(default_factory=list)
     waypoint: Waypoint | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def ip(self, n: int) -> str:
         return f"{self.net}.{n}"
@@ -192,7 +197,10 @@ class WaypointMesh:
                     "namespace": "shop",
                     "hostname": "reviews.shop.svc.cluster.local",
                     "vips": [self.vip],
-                    "ports": [{"servicePort": 80, "targetPort": 8080, "appProtocol": "http"}],
+                    "ports": [
+                        {"servicePort": 80, "targetPort": 8080, "appProtocol": "http"},
+                        {"servicePort": 9000, "targetPort": 9000},
+                    ],
                     "waypoint": {"destination": self.ip(50), "hboneMtlsPort": self.p[7]},
                 },
                 {
@@ -220,6 +228,7 @@ class WaypointMesh:
             b = Backend(name, version)
             b.server = await asyncio.start_server(b.handle, self.ip(n), 8080)
             self.backends[name] = b
+            self.echo.append(await EchoServer(self.ip(n), 9000, hello=f"{name}\n".encode()).start())
         for node, base in (("node-a", 1), ("node-b", 4)):
             a = Agent(
                 Settings(
@@ -255,6 +264,7 @@ class WaypointMesh:
                 stats_port=0,
                 reload_interval=0.05,
                 header_timeout=2.0,
+                **self.extra,
             )
         )
         await self.waypoint.start()
@@ -269,6 +279,8 @@ class WaypointMesh:
         for b in self.backends.values():
             if b.server is not None:
                 b.server.close()
+        for e in self.echo:
+            await e.close()
 
     async def reload(self, config: str) -> None:
         assert self.waypoint is not None
@@ -314,8 +326,12 @@ class WaypointMesh:
 
 
 @pytest.fixture
-def wmesh(loop: asyncio.AbstractEventLoop, tmp_path: Path) -> Iterator[WaypointMesh]:
-    m = WaypointMesh(tmp_path)
+def wmesh(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[WaypointMesh]:
+    """The mesh; `@pytest.mark.parametrize("wmesh", [{...settings}], indirect=True)` passes
+    extra waypoint settings."""
+    m = WaypointMesh(tmp_path, extra=dict(getattr(request, "param", {})))
     try:
         loop.run_until_complete(asyncio.wait_for(m.start(), 30))
         yield m
