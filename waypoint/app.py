@@ -30,7 +30,7 @@ from waypoint.upstream import Upstreams
 from ztunnel.ca import CertificateAuthority
 from ztunnel.certs import CertificateManager, CertificateSource, LocalCaSource
 from ztunnel.errors import ConfigError, ZtunnelError
-from ztunnel.hbone.headers import ConnectRequest, format_authority, forwarded_for, new_traceparent
+from ztunnel.hbone.headers import ConnectRequest, format_authority, new_traceparent
 from ztunnel.hbone.pool import HbonePool, PoolKey
 from ztunnel.hbone.server import HboneServer
 from ztunnel.hbone.tls import ContextCache
@@ -160,9 +160,9 @@ class Waypoint:
         key = PoolKey(
             self.identity, frozenset(ids), (ep.address, self.settings.peer_hbone_port), None
         )
+        # The destination sees the waypoint as the source (no `forwarded` client address).
         req = ConnectRequest(
             authority=format_authority(ep.address, ep.port),
-            forwarded=forwarded_for(ep.address, ep.port),
             traceparent=new_traceparent(),
         )
         stream = await self.pool.open_stream(key, req)
