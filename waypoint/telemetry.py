@@ -148,10 +148,27 @@ class RequestMetrics(Collector):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.series: dict[RequestLabels, tuple[list[int], _Hist, _Hist, _Hist]] = {}
+        self._labels: dict[tuple[object, ...], RequestLabels] = {}
         registry.register(self)
 
     def record(self, r: RequestRecord) -> None:
-        labels = r.labels()
+        # The label set depends on few inputs; computing it costs more than the rest of the
+        # request's telemetry, so it is cached per distinct input.
+        key = (
+            r.src_workload.uid if r.src_workload else "",
+            r.src_identity,
+            r.service.key if r.service else "",
+            r.dst_workload.uid if r.dst_workload else "",
+            r.protocol,
+            r.status,
+            r.grpc_status,
+            r.flag,
+        )
+        labels = self._labels.get(key)
+        if labels is None:
+            if len(self._labels) > 100_000:
+                self._labels.clear()
+            labels = self._labels[key] = r.labels()
         s = self.series.get(labels)
         if s is None:
             s = self.series[labels] = (

@@ -188,6 +188,12 @@ async def _serve_one(
         await _refuse(conn, stream, e.status, str(e))
         return False
     body = BodyChannel()
+    if header(ev_headers := _dec(ev.headers), "content-length") is None and (
+        header(ev_headers, "transfer-encoding") is None
+    ):
+        # RFC 9112 section 6.3: neither field, no body. Known now, so that an upstream
+        # request can be sent with Content-Length 0 and its connection reused.
+        body.end()
     pump = asyncio.ensure_future(_pump_request(conn, stream, body, limits))
     pump.set_name(f"h1-body {stream.peer()}")
     try:
@@ -230,7 +236,8 @@ async def _pump_request(
                 if discarded > DISCARD_LIMIT:
                     return False
             elif isinstance(ev, h11.EndOfMessage):
-                body.end(_dec(ev.headers))
+                if not body.ended or ev.headers:
+                    body.end(_dec(ev.headers))
                 return True
             else:
                 body.fail(ConnectionResetError("client closed before the end of the body"))

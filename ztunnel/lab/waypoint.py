@@ -62,7 +62,13 @@ def mesh_state(t: Topology, base: dict[str, Any]) -> dict[str, Any]:
     for role, (version, track) in VERSIONS.items():
         w = by_name[p[role].name]
         w["services"] = {**w.get("services", {}), key: {80: APP_PORT}}
-        w["labels"] = {**w.get("labels", {}), "app": "reviews", "version": version, "track": track}
+        w["labels"] = {
+            **w.get("labels", {}),
+            "app": "reviews",
+            "version": version,
+            "track": track,
+            "pod": p[role].name,
+        }
         w["canonicalName"], w["canonicalRevision"] = "reviews", version
     wp = by_name[p["waypoint"].name]
     wp.update(
