@@ -20,7 +20,6 @@ import hashlib
 import json
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ztunnel.bench.tools import BenchError, Processes
+from ztunnel.bench.tools import BenchError, Processes, wait_port
 from ztunnel.lab import runner
 from ztunnel.lab import topology as topo
 from ztunnel.lab import waypoint as waypoint_lab
@@ -159,35 +158,13 @@ def build(progress: Progress, failure_logs: Path) -> L7Lab:
         )
         pw = lab.processes.start(
             proxy.netns,
-            [
-                sys.executable,
-                "-m",
-                "ztunnel",
-                "waypoint",
-                "run",
-                "--name",
-                "waypoint",
-                "--namespace",
-                "shop",
-                "--local-xds",
-                str(d / "mesh.yaml"),
-                "--config",
-                str(d / "waypoint.yaml"),
-                "--ca-dir",
-                str(d / "ca"),
-                "--address",
-                str(proxy.ip),
-                "--stats-port",
-                str(waypoint_lab.STATS_PORT),
-                "--log-level",
-                "warning",
-            ],
+            waypoint_lab.waypoint_argv(t, "--log-level", "warning"),
             workdir / "waypoint.log",
         )
         lab.pids = {"nginx": pn.pid, "haproxy": ph.pid, "waypoint": pw.pid}
         for port in (NGINX_PORT, HAPROXY_PORT, 15008):
-            _wait_port(proxy.netns, str(proxy.ip), port)
-        _wait_port(backend.netns, str(backend.ip), BACKEND_PORT)
+            wait_port(proxy.netns, str(proxy.ip), port)
+        wait_port(backend.netns, str(backend.ip), BACKEND_PORT)
         progress(
             f"  l7 lab {t.lab_id} up: backend nginx in {backend.name}, proxies in {proxy.name}"
         )
@@ -195,24 +172,6 @@ def build(progress: Progress, failure_logs: Path) -> L7Lab:
         lab.close()
         raise
     return lab
-
-
-def _wait_port(netns: str, ip: str, port: int, timeout: float = 30.0) -> None:
-    import socket
-
-    def probe() -> bool:
-        try:
-            with socket.create_connection((ip, port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if topo.call_in_netns(netns, probe):
-            return
-        time.sleep(0.1)
-    raise BenchError(f"{ip}:{port} in {netns} did not open within {timeout:.0f}s")
 
 
 def _target(lab: L7Lab, scenario: str) -> tuple[str, str, int, str]:

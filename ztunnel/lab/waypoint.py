@@ -180,6 +180,35 @@ spec:
 """
 
 
+def waypoint_argv(t: Topology, *extra: str) -> list[str]:
+    """`ztunnel waypoint run` for the lab's waypoint pod (files in the lab directory)."""
+    from ztunnel.lab import runner
+
+    d = runner.lab_dir(t.lab_id)
+    return [
+        sys.executable,
+        "-m",
+        "ztunnel",
+        "waypoint",
+        "run",
+        "--name",
+        "waypoint",
+        "--namespace",
+        "shop",
+        "--local-xds",
+        str(d / "mesh.yaml"),
+        "--config",
+        str(d / "waypoint.yaml"),
+        "--ca-dir",
+        str(d / "ca"),
+        "--address",
+        str(pods(t)["waypoint"].ip),
+        "--stats-port",
+        str(STATS_PORT),
+        *extra,
+    ]
+
+
 def _popen(t: Topology, pod: PodSpec, argv: list[str], log_name: str) -> int:
     from ztunnel.lab import runner
 
@@ -252,31 +281,7 @@ def start(t: Topology, progress: Progress) -> None:
     pid = _popen(
         t,
         p["waypoint"],
-        [
-            sys.executable,
-            "-m",
-            "ztunnel",
-            "waypoint",
-            "run",
-            "--name",
-            "waypoint",
-            "--namespace",
-            "shop",
-            "--local-xds",
-            str(d / "mesh.yaml"),
-            "--config",
-            str(d / "waypoint.yaml"),
-            "--ca-dir",
-            str(d / "ca"),
-            "--address",
-            str(p["waypoint"].ip),
-            "--stats-port",
-            str(STATS_PORT),
-            "--log-format",
-            "json",
-            "--reload-interval",
-            "0.5",
-        ],
+        waypoint_argv(t, "--log-format", "json", "--reload-interval", "0.5"),
         "waypoint.log",
     )
     (d / "waypoint" / "waypoint.pid").write_text(str(pid))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,20 +23,7 @@ from waypoint.config import WaypointSettings
 from ztunnel.app import Agent
 from ztunnel.ca import CertificateAuthority
 from ztunnel.config import Settings
-from ztunnel.testing import EchoServer, async_wait_for, random_loopback_net
-
-
-def ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from ztunnel.testing import EchoServer, async_wait_for, free_ports, random_loopback_net
 
 
 class Backend:
@@ -105,7 +91,7 @@ class Backend:
 class WaypointMesh:
     tmp: Path
     net: str = field(default_factory=random_loopback_net)
-    p: list[int] = field(default_factory=lambda: ports(8))
+    p: list[int] = field(default_factory=lambda: free_ports(8))
     backends: dict[str, Backend] = field(default_factory=dict)
     agents: list[Agent] = field(default_factory=list)
     echo: list[EchoServer] = field(default_factory=list)
