@@ -138,7 +138,9 @@ def main(nodes: int = 2, pods: int = 3, keep: bool = False, istiod: bool = False
         "ztunnel lab demo: node agents with eBPF capture in network namespaces"
         + (", state and certificates from a test istiod" if istiod else "")
     )
-    t = runner.up(nodes, pods, progress, istiod)
+    from ztunnel.lab import waypoint as waypoint_lab  # the L7 part (waypoint) of the demo
+
+    t = runner.up(nodes, max(pods, waypoint_lab.PODS_PER_NODE), progress, istiod)
     try:
         print(
             f"  lab {t.lab_id} up in {time.monotonic() - t0:.1f}s: "
@@ -181,6 +183,8 @@ def main(nodes: int = 2, pods: int = 3, keep: bool = False, istiod: bool = False
             print(f"  agent {n.name} counters: {shown or '(none)'}")
         failed = [r for r in rows if r[-1] != "PASS"]
         print(f"\n{len(rows) - len(failed)} of {len(rows)} flows behaved as expected.")
+        wrows = waypoint_lab.demo(t, progress, table)
+        failed += [r for r in wrows if r[-1] != "PASS"]
         return 1 if failed else 0
     finally:
         if keep:
