@@ -10,6 +10,9 @@
   `istio-injection`, `istio.io/rev` and `istio.io/dataplane-mode` together).
 - Pods with a sidecar in a namespace labelled ambient (ZTN0001, this project's code: Istio has
   none): the CNI leaves such pods out of ambient capture, silently.
+- A mesh VirtualService for a waypoint-bound service that the waypoint does not use because
+  it is in a third namespace (ZTN0002): found by compiling the waypoint's route table with the
+  shared model (`compile_routes`, decision `vs-not-applicable`), as the waypoint would.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from ztunnel.analyze import mesh
 from ztunnel.analyze import messages as msg
 from ztunnel.analyze.context import Analyzer, Context, PodView
+from ztunnel.meshconfig.compile import ServiceRef, compile_routes
 from ztunnel.meshconfig.kube import USE_WAYPOINT, WORKLOAD_KINDS
 from ztunnel.meshconfig.resource import ResourceMeta
 
@@ -96,12 +100,51 @@ def sidecars_in_ambient(ctx: Context) -> None:
         ctx.report(msg.AmbientPodHasSidecar, pod.meta, who, evidence, pod.namespace)
 
 
+def waypoint_routes(ctx: Context) -> None:
+    """Compile each waypoint-bound service's routes as its waypoint would and report the
+    mesh VirtualServices for it that the waypoint leaves out."""
+    services = [
+        ServiceRef(
+            s.hostname(ctx.domain), s.meta.namespace, s.meta.name, tuple(p.port for p in s.ports)
+        )
+        for s in ctx.cs.services
+    ]
+    by_label = {(vs.meta.label, vs.meta.origin.file): vs for vs in ctx.cs.virtual_services}
+    for svc, ref in zip(ctx.cs.services, services, strict=True):
+        b = mesh.service_binding(ctx, svc.meta)
+        if b.waypoint is None or b.reason:
+            continue
+        wp = b.waypoint.meta
+        table = compile_routes(ctx.cs, [ref], services, wp.namespace)
+        for d in table.decisions:
+            vs = by_label.get((d.resource, d.file))
+            if d.code != "vs-not-applicable" or vs is None:
+                continue
+            if vs.gateways and "mesh" not in vs.gateways:
+                continue  # for ingress gateways only: not meant for the waypoint
+            ctx.report(
+                msg.VirtualServiceIgnoredByWaypoint,
+                vs.meta,
+                ref.hostname,
+                f"{wp.namespace}/{wp.name}",
+                svc.meta.namespace,
+                wp.namespace,
+                at=("metadata", "namespace"),
+            )
+
+
 ANALYZERS = (
     Analyzer(
         "ambient.WaypointBindingAnalyzer",
         "Checks that istio.io/use-waypoint names a ready waypoint that accepts the traffic",
         ("Gateway", "Namespace|Service|ServiceEntry|Pod|Workload"),
         waypoint_bindings,
+    ),
+    Analyzer(
+        "ambient.WaypointRouteAnalyzer",
+        "Checks that the waypoint of a service uses the mesh VirtualServices written for it",
+        ("Gateway", "Service", "VirtualService"),
+        waypoint_routes,
     ),
     Analyzer(
         "injection.Analyzer",

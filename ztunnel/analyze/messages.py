@@ -159,6 +159,13 @@ AmbientPodHasSidecar = _t(
     "and waypoints do not apply to them. Remove the injection and restart the pods to move them "
     "to ambient.",
 )
+VirtualServiceIgnoredByWaypoint = _t(
+    "ZTN0002",
+    "VirtualServiceIgnoredByWaypoint",
+    W,
+    "This VirtualService is not used for %s: its waypoint %s uses only the VirtualServices in "
+    "the service's namespace (%s) and in its own (%s).",
+)
 
 REPORTED: tuple[MessageType, ...] = (
     ReferencedResourceNotFound,
@@ -178,6 +185,7 @@ REPORTED: tuple[MessageType, ...] = (
     DestinationRuleSubsetNotSelectPods,
     UnknownDestinationRuleHost,
     AmbientPodHasSidecar,
+    VirtualServiceIgnoredByWaypoint,
 )
 
 # Every code Istio defines (messages.yaml), so that `--suppress` of a code this tool does not

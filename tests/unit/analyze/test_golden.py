@@ -35,6 +35,7 @@ POSITIVE = [
     ("ambient-l7-policy-positive", 0),
     ("ambient-waypoint-positive", 79),
     ("ambient-sidecar-positive", 0),
+    ("ambient-waypoint-routes-positive", 0),
     ("conditions-positive", 0),
 ]
 NEGATIVE = sorted(p.stem for p in TESTDATA.glob("*-negative.yaml"))
