@@ -1,8 +1,10 @@
-"""The one module that uses pyroute2: tc bpf filters and the local-delivery rule in one netns.
+"""The one module that uses pyroute2: tc filters, XDP and the local-delivery rule in one netns.
 
 Filters are ours by (priority, handle): we add, replace and delete only those, so other
 programs in the same clsact hook (a primary CNI's) keep working, and the clsact qdisc itself
-is never deleted. netlink errors become `CaptureError` carrying the errno.
+is never deleted. Listing a hook returns every filter of chain 0 (any kind) in the order the
+kernel runs them, and the XDP programs of the namespace's links: what runs ahead of ours.
+netlink errors become `CaptureError` carrying the errno.
 
 pyroute2's synchronous `IPRoute` runs its own event loop: call these methods from a plain
 thread (e.g. `asyncio.to_thread`), never directly from a running asyncio loop.
@@ -14,6 +16,7 @@ import asyncio
 import enum
 import errno
 import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +31,15 @@ from ztunnel.capture.errors import CaptureError
 RT_SCOPE_HOST = 254
 RTPROT_STATIC = 4
 
+# Attribute numbers pyroute2 0.9 does not decode (include/uapi/linux/rtnetlink.h enum
+# TCA_*, include/uapi/linux/pkt_cls.h enum TCA_BPF_*): read from the raw message.
+TCA_OPTIONS = 2
+TCA_CHAIN = 11
+TCA_BPF_ID = 11
+_NLMSGHDR_LEN = 16
+_TCMSG_LEN = 20
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+
 
 class Direction(enum.Enum):
     """clsact hooks, by their parent handle (TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)."""
@@ -38,13 +50,45 @@ class Direction(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class TcFilter:
-    """A bpf filter found in a clsact hook."""
+    """A filter found in a clsact hook: for `kind` bpf, `name` is its TCA_BPF_NAME and
+    `prog_id` the program it runs; other kinds (u32, flower, ...) have neither."""
 
     ifname: str
     direction: Direction
     priority: int
     handle: int
     name: str
+    kind: str = "bpf"
+    prog_id: int = 0
+    chain: int = 0
+
+
+def raw_attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    """The netlink attributes (type -> payload) packed in data[start:end]; the first of
+    each type wins. Malformed lengths end the walk (the kernel never sends them)."""
+    attrs: dict[int, bytes] = {}
+    pos = start
+    while pos + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, pos)
+        if length < 4 or pos + length > end:
+            break
+        attrs.setdefault(kind & _NLA_TYPE_MASK, data[pos + 4 : pos + length])
+        pos += (length + 3) & ~3
+    return attrs
+
+
+def _u32(value: bytes | None) -> int:
+    return struct.unpack("=I", value[:4])[0] if value is not None and len(value) >= 4 else 0
+
+
+def _filter_ids(msg: Any) -> tuple[int, int]:
+    """(chain, bpf program id) of a filter message, from its raw bytes."""
+    data, offset = msg.data, msg.offset
+    end = offset + int(msg["header"]["length"])
+    attrs = raw_attrs(data, offset + _NLMSGHDR_LEN + _TCMSG_LEN, end)
+    options = attrs.get(TCA_OPTIONS)
+    prog_id = _u32(raw_attrs(options, 0, len(options)).get(TCA_BPF_ID)) if options else 0
+    return _u32(attrs.get(TCA_CHAIN)), prog_id
 
 
 @contextmanager
@@ -176,8 +220,9 @@ class Netlink:
             ) from exc
         return True
 
-    def bpf_filters(self, ifname: str, direction: Direction = Direction.INGRESS) -> list[TcFilter]:
-        """The bpf filters in one clsact hook (empty if the interface or the hook is absent)."""
+    def tc_filters(self, ifname: str, direction: Direction = Direction.INGRESS) -> list[TcFilter]:
+        """Every filter of chain 0 of a clsact hook, in the order the kernel runs them
+        (by priority, then as listed); empty if the interface or the hook is absent."""
         index = self.ifindex(ifname)
         if index is None:
             return []
@@ -190,10 +235,14 @@ class Netlink:
         filters = []
         for msg in messages:
             # A dump lists each priority's chain head (handle 0) before its filters.
-            if msg.get_attr("TCA_KIND") != "bpf" or not msg["handle"]:
+            if not msg["handle"]:
                 continue
+            chain, prog_id = _filter_ids(msg)
+            if chain != 0:
+                continue  # reached only through a jump from a chain-0 filter
+            kind = str(msg.get_attr("TCA_KIND") or "")
             options = msg.get_attr("TCA_OPTIONS")
-            name = options.get_attr("TCA_BPF_NAME") if options is not None else None
+            name = options.get_attr("TCA_BPF_NAME") if kind == "bpf" and options else None
             filters.append(
                 TcFilter(
                     ifname=ifname,
@@ -201,9 +250,39 @@ class Netlink:
                     priority=int(msg["info"]) >> 16,
                     handle=int(msg["handle"]),
                     name=str(name or ""),
+                    kind=kind,
+                    prog_id=prog_id,
                 )
             )
+        filters.sort(key=lambda f: f.priority)  # stable: keeps the kernel's order within one
         return filters
+
+    def bpf_filters(self, ifname: str, direction: Direction = Direction.INGRESS) -> list[TcFilter]:
+        """The bpf filters in one clsact hook (empty if the interface or the hook is absent)."""
+        return [f for f in self.tc_filters(ifname, direction) if f.kind == "bpf"]
+
+    def xdp_programs(self) -> dict[int, tuple[int, ...]]:
+        """Links with XDP programs: ifindex -> their program ids (one per attach mode; with
+        several modes at once the kernel reports each mode's program separately)."""
+        with _translated(f"listing links in {self._where}"):
+            links = self._sock().get_links()
+        found: dict[int, tuple[int, ...]] = {}
+        for link in links:
+            xdp = link.get_attr("IFLA_XDP")
+            if xdp is None:
+                continue
+            ids = {
+                int(xdp.get_attr(attr) or 0)
+                for attr in (
+                    "IFLA_XDP_PROG_ID",
+                    "IFLA_XDP_DRV_PROG_ID",
+                    "IFLA_XDP_SKB_PROG_ID",
+                    "IFLA_XDP_HW_PROG_ID",
+                )
+            } - {0}
+            if ids:
+                found[int(link["index"])] = tuple(sorted(ids))
+        return found
 
     def ensure_local_delivery(self, mark: int, table: int, priority: int) -> None:
         """`ip rule add fwmark MARK/MARK lookup TABLE` + `ip route replace local 0/0 dev lo`.

@@ -109,6 +109,16 @@ def mesh_state(t: Topology) -> dict[str, Any]:
     }
 
 
+def extra_agent_args(t: Topology) -> list[str]:
+    """Flags `up(agent_args=...)` gave every agent of the lab (kept for restarts)."""
+    path = lab_dir(t.lab_id) / "agent-args.json"
+    try:
+        args = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [str(a) for a in args] if isinstance(args, list) else []
+
+
 def agent_argv(t: Topology, node: NodeSpec) -> list[str]:
     d = lab_dir(t.lab_id)
     nd = d / node.name
@@ -147,6 +157,7 @@ def agent_argv(t: Topology, node: NodeSpec) -> list[str]:
         str(READY_PORT),
         "--drain-timeout",
         "2",
+        *extra_agent_args(t),
     ]
 
 
@@ -295,7 +306,16 @@ def set_enrolled(t: Topology, pod: PodSpec, enrolled: bool) -> None:
         )
 
 
-def up(nodes: int = 2, pods: int = 3, progress: Progress = _quiet) -> Topology:
+def up(
+    nodes: int = 2,
+    pods: int = 3,
+    progress: Progress = _quiet,
+    agent_args: tuple[str, ...] = (),
+    before_agents: Callable[[Topology], None] | None = None,
+) -> Topology:
+    """Builds and starts a lab. `agent_args` are extra `ztunnel run` flags for every agent;
+    `before_agents` runs once the namespaces exist, before any agent starts (e.g. to put
+    another component's programs on the hooks first)."""
     if nodes < 1 or pods < 1:
         raise LabError("a lab needs at least one node and one pod per node")
     progress(f"creating {nodes} nodes x {pods} pods (network namespaces, veths, bridge)")
@@ -305,6 +325,9 @@ def up(nodes: int = 2, pods: int = 3, progress: Progress = _quiet) -> Topology:
         d.mkdir(parents=True, exist_ok=True)
         CertificateAuthority.create("cluster.local").save(d / "ca")
         (d / "mesh.yaml").write_text(yaml.safe_dump(mesh_state(t), sort_keys=False))
+        (d / "agent-args.json").write_text(json.dumps(list(agent_args)))
+        if before_agents is not None:
+            before_agents(t)
         progress("starting applications in pods")
         for pod in t.pods():
             start_apps(t, pod)
