@@ -501,11 +501,7 @@ def config_dump(agent: AgentView) -> dict[str, Any]:
             "loaded": agent.store.loaded,
             "last_error": agent.store.last_error,
         },
-        "readiness": {
-            "ready": not pending,
-            "pending": pending,
-            "warnings": readiness_warnings(agent),
-        },
+        "readiness": {"ready": not pending, "pending": pending},
         "draining": agent.draining,
         "capture": snap.to_json() if snap is not None else None,
         "workloads": [workload_json(w, s.node_name) for w in state.workloads],
