@@ -96,6 +96,7 @@ from ztunnel.capture.ordering import (
     AttachMode,
     HookKind,
     HookStatus,
+    HookView,
     Ours,
     PodCapture,
     ReassertBudget,
@@ -295,7 +296,9 @@ class Capture:
         self._pod_ifnames.add(host_ifname)
         known = self._pod_ips.get(host_ifname, ())
         self._pod_ips[host_ifname] = tuple(dict.fromkeys((*known, *ips)))
-        status = self._check_one(host_ifname, HookKind.POD, None, time.monotonic())
+        attacher = self._require_attacher()
+        view = attacher.view(host_ifname)
+        status = self._check_one(host_ifname, HookKind.POD, view, time.monotonic())
         self._apply_marks()
         return status
 
@@ -372,24 +375,22 @@ class Capture:
         """Checks every hook once: re-attaches ours where it vanished, moves it back to the
         front where something was inserted ahead of it (if the kernel lets us), refuses or
         accepts the rest, and updates the refused addresses. Returns every hook's status."""
-        self._require_attacher()
+        attacher = self._require_attacher()
         now = time.monotonic() if now is None else now
-        xdp = self._netlink.xdp_programs()
-        for ifname, kind in self.hooks().items():
-            self._check_one(ifname, kind, xdp, now)
+        hooks = self.hooks()
+        views = attacher.views(hooks)
+        for ifname, kind in hooks.items():
+            self._check_one(ifname, kind, views.get(ifname), now)
         self._require_attacher().collect_defunct_links()
         self._apply_marks()
         return self._status
 
     def _check_one(
-        self,
-        ifname: str,
-        kind: HookKind,
-        xdp: Mapping[int, tuple[int, ...]] | None,
-        now: float,
+        self, ifname: str, kind: HookKind, view: HookView | None, now: float
     ) -> HookStatus | None:
+        """Checks one hook, starting from `view` (None: the interface is gone)."""
         try:
-            status = self._evaluate(ifname, kind, xdp, now)
+            status = self._evaluate(ifname, kind, view, now) if view is not None else None
         except CaptureError as exc:
             if exc.errno == errno.ENODEV:  # the interface went away meanwhile
                 status = None
@@ -413,19 +414,17 @@ class Capture:
         return status
 
     def _evaluate(
-        self,
-        ifname: str,
-        kind: HookKind,
-        xdp: Mapping[int, tuple[int, ...]] | None,
-        now: float,
+        self, ifname: str, kind: HookKind, first_view: HookView, now: float
     ) -> HookStatus | None:
         attacher = self._require_attacher()
         mode = attacher.mode
         ours = Ours(frozenset(attacher.ours))
         budget = self._budgets.setdefault(ifname, ReassertBudget())
         note, tried = "", False
-        for _ in range(_MAX_STEPS):
-            view = attacher.view(ifname, xdp)
+        view: HookView | None = first_view
+        for step in range(_MAX_STEPS):
+            if step:
+                view = attacher.view(ifname)
             if view is None:
                 return None
             self._ifindex[ifname] = view.ifindex

@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -283,46 +283,60 @@ class Attacher:
 
     # ---- reading a hook ----
 
-    def view(
-        self, ifname: str, xdp: Mapping[int, tuple[int, ...]] | None = None
-    ) -> HookView | None:
-        """What runs on a hook's ingress, in order; None if the interface is gone.
+    def views(self, ifnames: Iterable[str]) -> dict[str, HookView]:
+        """What runs on the ingress hook of each interface, in order; interfaces that are
+        gone are left out. One link dump and (in the namespace) one pass of tcx queries for
+        all of them; in cls_bpf mode one filter dump per interface."""
+        links = self.netlink.links()
+        present = {name: links[name] for name in ifnames if name in links}
+        chains: dict[str, syscalls.TcxChain | None] = dict.fromkeys(present)
+        if self.tcx_available and present:
 
-        `xdp` is `Netlink.xdp_programs()` (one dump for a whole check), read here if None.
-        """
-        index = self.netlink.ifindex(ifname)
-        if index is None:
-            return None
-        xdp_ids = (self.netlink.xdp_programs() if xdp is None else xdp).get(index, ())
-        xdp_atts = tuple(Attachment(Layer.XDP, self.prog_name(i), prog_id=i) for i in xdp_ids)
-        tcx: tuple[Attachment, ...] | None = None
-        revision = 0
-        if self.tcx_available:
-            try:
-                chain = self._in_netns(lambda: syscalls.tcx_query(index, syscalls.BPF_TCX_INGRESS))
-            except CaptureError as exc:
-                if exc.errno == errno.ENODEV:
-                    return None
-                raise
-            revision = chain.revision
-            tcx = tuple(
-                Attachment(Layer.TCX, self.prog_name(p), prog_id=p, link_id=link, position=i)
-                for i, (p, link) in enumerate(zip(chain.prog_ids, chain.link_ids, strict=True))
-            )
-        tc: tuple[Attachment, ...] = ()
-        if self.mode is AttachMode.CLS_BPF:
-            tc = tuple(
-                Attachment(
-                    Layer.TC,
-                    self._filter_name(f),
-                    prog_id=f.prog_id,
-                    priority=f.priority,
-                    handle=f.handle,
-                    position=i,
+            def query() -> None:
+                for name, link in present.items():
+                    try:
+                        chains[name] = syscalls.tcx_query(link.index, syscalls.BPF_TCX_INGRESS)
+                    except CaptureError as exc:
+                        if exc.errno != errno.ENODEV:
+                            raise
+                        chains.pop(name)  # gone meanwhile
+
+            self._in_netns(query)
+        views = {}
+        for name, link in present.items():
+            if name not in chains:
+                continue
+            xdp = tuple(Attachment(Layer.XDP, self.prog_name(i), prog_id=i) for i in link.xdp)
+            chain = chains[name]
+            tcx = None
+            if chain is not None:
+                tcx = tuple(
+                    Attachment(Layer.TCX, self.prog_name(p), prog_id=p, link_id=k, position=i)
+                    for i, (p, k) in enumerate(zip(chain.prog_ids, chain.link_ids, strict=True))
                 )
-                for i, f in enumerate(self.netlink.tc_filters(ifname, Direction.INGRESS))
+            tc: tuple[Attachment, ...] = ()
+            if self.mode is AttachMode.CLS_BPF:
+                tc = tuple(
+                    Attachment(
+                        Layer.TC,
+                        self._filter_name(f),
+                        prog_id=f.prog_id,
+                        priority=f.priority,
+                        handle=f.handle,
+                        position=i,
+                    )
+                    for i, f in enumerate(
+                        self.netlink.tc_filters_of(link.index, name, Direction.INGRESS)
+                    )
+                )
+            views[name] = HookView(
+                name, link.index, xdp, tcx, tc, chain.revision if chain is not None else 0
             )
-        return HookView(ifname, index, xdp_atts, tcx, tc, revision)
+        return views
+
+    def view(self, ifname: str) -> HookView | None:
+        """What runs on one interface's ingress hook; None if the interface is gone."""
+        return self.views([ifname]).get(ifname)
 
     def _filter_name(self, f: TcFilter) -> str:
         """A bpf filter by its program's name (what --capture-allow-ahead matches), else by
