@@ -7,7 +7,9 @@ Where things are, bottom to top:
 - certificates: `ca` (built-in CA), `certs` (certificate sources, cache and renewal),
   `hbone.tls` (TLS contexts and SPIFFE peer checks).
 - I/O: `hbone.connection`/`hbone.pool`/`hbone.server` (HBONE over asyncio), `proxy.*`
-  (outbound, inbound, SOCKS5, relay), `capture` (eBPF via bcc + pyroute2).
+  (outbound, inbound, SOCKS5, relay), `capture` (eBPF via bcc + pyroute2), `kernel_capture`
+  (the agent's side of it: enrolment API, periodic hook checks), `capture_report` (what the
+  checks found: metrics, readiness, `ctl capture`).
 - composition root and commands: `app` (the Agent), `cli`, `demo`, `lab`.
 """
 

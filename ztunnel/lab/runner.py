@@ -459,6 +459,7 @@ def print_status() -> int:
             except EnrolmentError:
                 pods = {}
             enrolled = sorted(k for k, v in pods.items() if v.get("enrolled"))
+            refused = sorted(k for k, v in pods.items() if not v.get("capture", {}).get("ok"))
             totals = metrics_totals(node) if alive else {}
             opened = {k: int(v) for k, v in totals.items() if "opened" in k}
             print(
@@ -466,5 +467,7 @@ def print_status() -> int:
                 f"{'running' if alive else 'NOT RUNNING'}{', ready' if ready else ''}"
             )
             print(f"    enrolled: {', '.join(enrolled) or '-'}")
+            if refused:
+                print(f"    capture NOT safe (see `ztunnel ctl capture`): {', '.join(refused)}")
             print(f"    connections opened: {opened or '-'}")
     return 0
