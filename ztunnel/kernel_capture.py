@@ -148,17 +148,23 @@ class KernelCapture:
 
     async def _watch_hooks(self) -> None:
         """Checks every hook each interval; a failing check is logged and counted, and the
-        next one runs as usual (the kernel state it failed on may be transient)."""
+        next one runs as usual (the kernel state it failed on may be transient). Nothing but
+        cancellation ends this task: a dead check would stop detection silently."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval)
             try:
                 await loop.run_in_executor(self.service._executor, self.capture.check)
-            except CaptureError as exc:
+            except Exception as exc:
                 self.check_errors += 1
-                if str(exc) != self.last_error:
-                    log.error("capture: checking the hooks failed: %s", exc)
-                self.last_error = str(exc)
+                text = (
+                    f"{type(exc).__name__}: {exc}"
+                    if not isinstance(exc, CaptureError)
+                    else str(exc)
+                )
+                if text != self.last_error:
+                    log.error("capture: checking the hooks failed: %s", text, exc_info=exc)
+                self.last_error = text
                 continue
             self.checks += 1
             self.last_error = ""

@@ -96,9 +96,9 @@ def test_outbound_of_enrolled_pod_lands_on_15001_with_original_destination(
             assert answer["data"] == data
 
 
-def test_inbound_to_enrolled_pod_lands_on_15006_and_15008(lab: Lab, attach_mode: str) -> None:
-    agent = lab.start_agent("n0", attach=attach_mode)
-    lab.start_agent("n1", attach=attach_mode)
+def test_inbound_to_enrolled_pod_lands_on_15006_and_15008(lab: Lab) -> None:
+    agent = lab.start_agent("n0")
+    lab.start_agent("n1")
     lab.app("n0p0")
     enrol(lab, agent, "n0p0")
     dst = ip_of(lab, "n0p0")
@@ -154,9 +154,9 @@ def test_spoofed_source_connection_of_the_agent_gets_its_replies(lab: Lab) -> No
     assert answer["answer"]["peer"][0] == client_ip  # the app sees the original client
 
 
-def test_fail_closed_without_agent_then_fail_open(lab: Lab, attach_mode: str) -> None:
-    agent = lab.start_agent("n0", attach=attach_mode)
-    lab.start_agent("n1", attach=attach_mode)
+def test_fail_closed_without_agent_then_fail_open(lab: Lab) -> None:
+    agent = lab.start_agent("n0")
+    lab.start_agent("n1")
     lab.app("n1p0")
     lab.app("n1p1")
     lab.app("n0p0")
@@ -192,7 +192,7 @@ def test_restarted_agent_finds_pinned_state_without_reenrolling(lab: Lab, attach
     first.kill()
     assert_connect_fails(lab, "n0p0", ip_of(lab, "n1p0"))
 
-    second = lab.start_agent("n0", attach=attach_mode)  # a new process, the pinned maps
+    second = lab.start_agent("n0")  # a new process: reloads with the pinned maps
     assert second.ready["enrolled"] == [ip_of(lab, "n0p0")]
     answer = lab.ask("n0p0", ip_of(lab, "n1p0"))
     assert (answer["who"], answer["pid"], answer["listener"]) == ("agent", second.pid, "outbound")

@@ -464,12 +464,13 @@ def read_lines(sock: socket.socket, count: int) -> list[dict[str, Any]]:
 
 
 def test_guard_drops_what_escaped_capture_before_the_next_check(
-    lab: Lab, attach_mode: str, make_cni: Callable[[Any], PrimaryCni]
+    lab: Lab, make_cni: Callable[[Any], PrimaryCni]
 ) -> None:
     """A program inserted ahead of ours passes an enrolled pod's packets around it; until
     a check moves ours back, the egress guard drops them: no plaintext leaves the node,
     a captured connection survives, and a new one succeeds once the check has run."""
-    agent = lab.start_agent("n0", attach=attach_mode)
+    agent = lab.start_agent("n0")  # tcx where the kernel has it, else cls_bpf
+    attach_mode = agent.ready["mode"]
     lab.app("n1p0")
     enrol(lab, agent, "n0p0")
     node = lab.topology.node("n0")
@@ -555,9 +556,9 @@ def test_our_filter_removed_by_someone_is_attached_again(lab: Lab) -> None:
 
 
 def test_xdp_ahead_is_refused_unless_the_operator_accepts_it(
-    lab: Lab, attach_mode: str, make_cni: Callable[[Any], PrimaryCni]
+    lab: Lab, make_cni: Callable[[Any], PrimaryCni]
 ) -> None:
-    agent = lab.start_agent("n0", attach=attach_mode)
+    agent = lab.start_agent("n0", attach="cls_bpf")  # nothing runs before XDP, in any mode
     lab.app("n1p0")
     enrol(lab, agent, "n0p0")
     node = lab.topology.node("n0")
@@ -571,7 +572,7 @@ def test_xdp_ahead_is_refused_unless_the_operator_accepts_it(
     assert refused(lab, "n0p0", "n1p0")
     agent.kill()
 
-    accepting = lab.start_agent("n0", attach=attach_mode, allow_ahead=("cni_xdp0",))
+    accepting = lab.start_agent("n0", allow_ahead=("cni_xdp0",))
     assert accepting.ready["hooks"]["vpod0"]["state"] == "accepted"
     status = accepting.request(op="pod_capture", host_ifname="vpod0")["capture"]
     assert status["ok"] is True and "risk accepted" in status["detail"], status

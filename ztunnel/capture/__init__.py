@@ -93,6 +93,7 @@ from ztunnel.capture.objects import (
 )
 from ztunnel.capture.ordering import (
     AcceptPolicy,
+    Attachment,
     AttachMode,
     HookKind,
     HookStatus,
@@ -429,6 +430,8 @@ class Capture:
                 return None
             self._ifindex[ifname] = view.ifindex
             analysis = analyse(view, mode, ours)
+            if not step:
+                self._count_detections(ifname, kind, analysis.ahead)
             verdict = decide(
                 analysis,
                 mode,
@@ -483,13 +486,17 @@ class Capture:
             note,
         )
 
+    def _count_detections(self, ifname: str, kind: HookKind, ahead: tuple[Attachment, ...]) -> None:
+        """Counts what is ahead now and was not reported ahead by the last check."""
+        previous = self._status.get(ifname)
+        seen = {(a.layer, a.prog_id, a.handle) for a in (previous.ahead if previous else ())}
+        for att in ahead:
+            if (att.layer, att.prog_id, att.handle) not in seen:
+                self.detections[(kind.value, att.layer.value)] += 1
+
     def _record(self, status: HookStatus) -> None:
         previous = self._status.get(status.ifname)
         if _identity(previous) != _identity(status):
-            seen = {(a.layer, a.prog_id, a.handle) for a in (previous.ahead if previous else ())}
-            for att in status.ahead:
-                if (att.layer, att.prog_id, att.handle) not in seen:
-                    self.detections[(status.kind.value, att.layer.value)] += 1
             level = logging.INFO if status.ok and not status.ahead else logging.WARNING
             if previous is not None or level == logging.WARNING:
                 log.log(level, "capture: %s", hook_detail(status))
