@@ -127,15 +127,18 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(nodes: int = 2, pods: int = 3, keep: bool = False) -> int:
+def main(nodes: int = 2, pods: int = 3, keep: bool = False, istiod: bool = False) -> int:
     def progress(msg: str) -> None:
         print(f"  .. {msg}", flush=True)
 
     if nodes < 2 or pods < 3:
         raise LabError("the demo needs at least 2 nodes and 3 pods per node")
     t0 = time.monotonic()
-    print("ztunnel lab demo: node agents with eBPF capture in network namespaces")
-    t = runner.up(nodes, pods, progress)
+    print(
+        "ztunnel lab demo: node agents with eBPF capture in network namespaces"
+        + (", state and certificates from a test istiod" if istiod else "")
+    )
+    t = runner.up(nodes, pods, progress, istiod)
     try:
         print(
             f"  lab {t.lab_id} up in {time.monotonic() - t0:.1f}s: "
@@ -148,6 +151,10 @@ def main(nodes: int = 2, pods: int = 3, keep: bool = False) -> int:
                 f"{'enrolled' if r.enrolled else 'not enrolled'}"
             )
         rows = run(t, progress)
+        if istiod:
+            from ztunnel.lab import istiod_lab
+
+            rows.append(istiod_lab.demo_row(t, progress))
         print()
         print(
             table(

@@ -27,6 +27,7 @@ import yaml
 
 from ztunnel.ca import CertificateAuthority
 from ztunnel.enrolment import EnrolmentError, request
+from ztunnel.lab import istiod_lab
 from ztunnel.lab import topology as topo
 from ztunnel.lab.topology import LabError, NodeSpec, PodSpec, Topology
 
@@ -137,10 +138,11 @@ def agent_argv(t: Topology, node: NodeSpec) -> list[str]:
         node.uplink_ifname,
         "--bpf-pin-dir",
         str(node.pin_dir),
-        "--local-xds",
-        str(d / "mesh.yaml"),
-        "--ca-dir",
-        str(d / "ca"),
+        # Mesh state and certificates: the file and the local CA, or the test istiod.
+        *(
+            istiod_lab.agent_args(t, node)
+            or ["--local-xds", str(d / "mesh.yaml"), "--ca-dir", str(d / "ca")]
+        ),
         "--enrolment-socket",
         str(nd / "ztunnel.sock"),
         "--state-dir",
@@ -310,6 +312,7 @@ def up(
     nodes: int = 2,
     pods: int = 3,
     progress: Progress = _quiet,
+    istiod: bool = False,
     agent_args: tuple[str, ...] = (),
     before_agents: Callable[[Topology], None] | None = None,
 ) -> Topology:
@@ -325,6 +328,9 @@ def up(
         d.mkdir(parents=True, exist_ok=True)
         CertificateAuthority.create("cluster.local").save(d / "ca")
         (d / "mesh.yaml").write_text(yaml.safe_dump(mesh_state(t), sort_keys=False))
+        if istiod:
+            progress("starting the test istiod in the lab network (xDS + CA on :15012)")
+            istiod_lab.start(t)
         (d / "agent-args.json").write_text(json.dumps(list(agent_args)))
         if before_agents is not None:
             before_agents(t)
