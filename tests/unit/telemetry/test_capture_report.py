@@ -127,6 +127,7 @@ class CaptureAgent:
     tracker: ConnectionTracker = field(default_factory=ConnectionTracker)
     listeners: dict[tuple[str, str], Any] = field(default_factory=dict)
     draining: bool = False
+    istiod: None = None
 
     def wanted_listeners(self) -> set[tuple[str, str]]:
         return set()
