@@ -208,6 +208,18 @@ class Capture:
         self._attach(host_ifname, POD_PROGRAM)
         self._pod_ifnames.add(host_ifname)
 
+    def host_ifname_of(self, pod_netns: str, pod_ifname: str) -> str:
+        """The node-side name of a pod's veth: the peer of `pod_ifname` inside `pod_netns`
+        (a path such as CNI_NETNS), looked up by ifindex in this node's namespace."""
+        with Netlink(pod_netns) as pod_side:
+            peer = pod_side.peer_ifindex(pod_ifname)
+        if peer is None:
+            raise CaptureError(f"{pod_ifname} in {pod_netns} is not a veth (no peer)")
+        name = self._netlink.ifnames().get(peer)
+        if name is None:
+            raise CaptureError(f"the peer of {pod_ifname} in {pod_netns} is not in this namespace")
+        return name
+
     def detach_pod_interface(self, host_ifname: str) -> None:
         """Removes our filter from a pod veth; a vanished interface is not an error."""
         self._netlink.detach_bpf(host_ifname, self.config.tc_priority, self.config.tc_handle)

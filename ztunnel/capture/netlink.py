@@ -115,6 +115,14 @@ class Netlink:
             raise CaptureError(f"no interface {ifname} in {self._where}", errno.ENODEV)
         return index
 
+    def peer_ifindex(self, ifname: str) -> int | None:
+        """The ifindex of the other end of veth `ifname` (IFLA_LINK), or None if it has none."""
+        index = self._require_ifindex(ifname)
+        with _translated(f"reading {ifname} in {self._where}"):
+            link = self._sock().get_links(index)[0]
+        peer = link.get_attr("IFLA_LINK")
+        return int(peer) if peer else None
+
     def ifnames(self) -> dict[int, str]:
         """All interfaces of the namespace: index -> name."""
         with _translated(f"listing links in {self._where}"):
