@@ -59,7 +59,9 @@ def kubeconfig_document(server: str, ca_pem: bytes, token: str) -> dict[str, Any
             }
         ],
         "users": [{"name": "ztunnel-cni", "user": {"token": token}}],
-        "contexts": [{"name": "ztunnel-cni", "context": {"cluster": "local", "user": "ztunnel-cni"}}],
+        "contexts": [
+            {"name": "ztunnel-cni", "context": {"cluster": "local", "user": "ztunnel-cni"}}
+        ],
         "current-context": "ztunnel-cni",
     }
 
@@ -166,7 +168,11 @@ def insert_entry(text: str, entry: dict[str, Any]) -> str:
         # Indent like the element before ours.
         line_start = text.rfind("\n", 0, last.start) + 1
         indent = text[line_start : last.start] if text[line_start : last.start].isspace() else ""
-        body = json.dumps(entry, indent=2).replace("\n", "\n" + indent) if indent else json.dumps(entry)
+        body = (
+            json.dumps(entry, indent=2).replace("\n", "\n" + indent)
+            if indent
+            else json.dumps(entry)
+        )
         sep = ",\n" + indent if indent else ", "
         return text[: last.end] + sep + body + text[last.end :]
     return text[: span.start + 1] + json.dumps(entry) + text[span.start + 1 :]
@@ -177,7 +183,10 @@ def conf_to_conflist(text: str) -> str:
     obj = json.loads(text)
     if not isinstance(obj, dict) or "type" not in obj:
         raise ValueError("a .conf must be an object with a type")
-    head = {"cniVersion": obj.get("cniVersion", plugin.LATEST_VERSION), "name": obj.get("name", "k8s-pod-network")}
+    head = {
+        "cniVersion": obj.get("cniVersion", plugin.LATEST_VERSION),
+        "name": obj.get("name", "k8s-pod-network"),
+    }
     return (
         "{\n"
         f'  "cniVersion": {json.dumps(head["cniVersion"])},\n'
@@ -192,7 +201,9 @@ def conf_to_conflist(text: str) -> str:
 def primary_config(conf_dir: Path) -> Path | None:
     """The config file the runtime uses: the first by name (libcni's ConfFiles order)."""
     try:
-        names = sorted(p for p in os.listdir(conf_dir) if p.endswith(CONFIG_SUFFIXES) and not p.startswith("."))
+        names = sorted(
+            p for p in os.listdir(conf_dir) if p.endswith(CONFIG_SUFFIXES) and not p.startswith(".")
+        )
     except FileNotFoundError:
         return None
     return conf_dir / names[0] if names else None
@@ -212,7 +223,13 @@ def python_version_of(path: Path, host_root: Path) -> tuple[int, int] | None:
         return int(m.group(1)), int(m.group(2))
     if host_root == Path("/") and p.exists():
         try:
-            out = subprocess.run([str(p), "-c", "import sys; print('%d %d' % sys.version_info[:2])"], capture_output=True, text=True, timeout=10, check=True).stdout.split()
+            out = subprocess.run(
+                [str(p), "-c", "import sys; print('%d %d' % sys.version_info[:2])"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.split()
             return int(out[0]), int(out[1])
         except (OSError, subprocess.SubprocessError, ValueError, IndexError):
             return None
@@ -253,7 +270,9 @@ def build_plugin(target: Path, interpreter: str) -> None:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
                 for name in ("__init__.py", "selection.py", "plugin.py"):
                     z.write(src / name, f"cni/{name}")
-                z.writestr("__main__.py", "import sys\nfrom cni import plugin\nsys.exit(plugin.main())\n")
+                z.writestr(
+                    "__main__.py", "import sys\nfrom cni import plugin\nsys.exit(plugin.main())\n"
+                )
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     except BaseException:
@@ -326,9 +345,14 @@ class Installer:
         s = self.settings
         if s.api_server:
             return s.api_server
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        host, port = (
+            os.environ.get("KUBERNETES_SERVICE_HOST"),
+            os.environ.get("KUBERNETES_SERVICE_PORT", "443"),
+        )
         if not host:
-            raise InstallError("no API server: give --api-server or run in a pod (KUBERNETES_SERVICE_HOST)")
+            raise InstallError(
+                "no API server: give --api-server or run in a pod (KUBERNETES_SERVICE_HOST)"
+            )
         return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
     def install_plugin(self) -> None:
@@ -427,25 +451,31 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
-def daemonset_deleted_check(kubeconfig: str | None, namespace: str, name: str) -> Callable[[], bool]:
+def daemonset_deleted_check(
+    kubeconfig: str | None, namespace: str, name: str
+) -> Callable[[], bool]:
     """True when our DaemonSet is gone or being deleted; unknown (API away) counts as not."""
 
     def check() -> bool:
         from kubernetes import client, config
-        from kubernetes.client.rest import ApiException
+        from kubernetes.client.exceptions import ApiException
 
         try:
             if kubeconfig:
-                api_client = config.new_client_from_config(config_file=kubeconfig)
+                api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
             else:
-                config.load_incluster_config()
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
                 api_client = client.ApiClient()
-            ds = client.AppsV1Api(api_client).read_namespaced_daemon_set(name, namespace, _request_timeout=5)
-            return ds.metadata.deletion_timestamp is not None
+            ds = client.AppsV1Api(api_client).read_namespaced_daemon_set(
+                name, namespace, _request_timeout=5
+            )
+            return ds.metadata is not None and ds.metadata.deletion_timestamp is not None
         except ApiException as e:
-            return e.status == 404
+            return bool(e.status == 404)
         except Exception as e:  # the API is away: keep the chain (fail closed)
-            log.warning("cannot tell whether the DaemonSet is being deleted (%s); keeping the chain", e)
+            log.warning(
+                "cannot tell whether the DaemonSet is being deleted (%s); keeping the chain", e
+            )
             return False
 
     return check
@@ -459,7 +489,9 @@ def main(args: Any) -> int:
         kubeconfig_host_path=args.kubeconfig_host_path,
         enrolment_socket=args.enrolment_socket,
         pod_record_dir=args.pod_record_dir,
-        exclude_namespaces=tuple(args.exclude_namespaces.split(",")) if args.exclude_namespaces else (),
+        exclude_namespaces=tuple(args.exclude_namespaces.split(","))
+        if args.exclude_namespaces
+        else (),
         api_server=args.api_server,
         token_file=Path(args.token_file),
         ca_file=Path(args.ca_file),
@@ -468,7 +500,10 @@ def main(args: Any) -> int:
         poll_interval=args.poll_interval,
         host_python=args.host_python,
     )
-    inst = Installer(settings, daemonset_deleted_check(args.kubeconfig or None, settings.namespace, settings.daemonset))
+    inst = Installer(
+        settings,
+        daemonset_deleted_check(args.kubeconfig or None, settings.namespace, settings.daemonset),
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -22,7 +22,8 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from typing import IO, Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from collections.abc import Mapping
+from typing import IO, Any, NamedTuple, Optional
 
 from cni import selection
 
@@ -69,7 +70,7 @@ class Env(NamedTuple):
     container_id: str
     netns: str
     ifname: str
-    args: Dict[str, str]
+    args: dict[str, str]
     path: str
 
 
@@ -79,12 +80,12 @@ class Config(NamedTuple):
     kubeconfig: str
     enrolment_socket: str
     pod_record_dir: str
-    exclude_namespaces: Tuple[str, ...]
+    exclude_namespaces: tuple[str, ...]
     api_timeout: float
     enrol_timeout: float
     attach_timeout: float
-    prev_result: Optional[Dict[str, Any]]
-    raw: Dict[str, Any]
+    prev_result: Optional[dict[str, Any]]
+    raw: dict[str, Any]
 
 
 class Attachment(NamedTuple):
@@ -92,7 +93,7 @@ class Attachment(NamedTuple):
 
     host_ifname: str
     pod_ifname: str
-    ips: Tuple[str, ...]
+    ips: tuple[str, ...]
 
 
 # ---- parsing (pure) ------------------------------------------------------------------------
@@ -119,12 +120,19 @@ def parse_env(environ: Mapping[str, str]) -> Env:
             raise CniError(E_INVALID_ENV, f"CNI_IFNAME is not an interface name: {ifname!r}")
         if command in ("ADD", "CHECK") and not netns:
             raise CniError(E_INVALID_ENV, f"CNI_NETNS is required for {command}")
-    return Env(command, container_id, netns, ifname, parse_args(environ.get("CNI_ARGS", "")), environ.get("CNI_PATH", ""))
+    return Env(
+        command,
+        container_id,
+        netns,
+        ifname,
+        parse_args(environ.get("CNI_ARGS", "")),
+        environ.get("CNI_PATH", ""),
+    )
 
 
-def parse_args(raw: str) -> Dict[str, str]:
+def parse_args(raw: str) -> dict[str, str]:
     """CNI_ARGS: `K=V;K2=V2` (spec: "Parameters"); CniError(4) when malformed."""
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     if not raw:
         return out
     for part in raw.split(";"):
@@ -132,12 +140,14 @@ def parse_args(raw: str) -> Dict[str, str]:
             continue
         key, sep, value = part.partition("=")
         if not sep or not key:
-            raise CniError(E_INVALID_ENV, f"CNI_ARGS is malformed at {part!r} (expected KEY=VALUE;...)")
+            raise CniError(
+                E_INVALID_ENV, f"CNI_ARGS is malformed at {part!r} (expected KEY=VALUE;...)"
+            )
         out[key] = value
     return out
 
 
-def _version_tuple(v: str) -> Tuple[int, ...]:
+def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v.split("."))
 
 
@@ -159,7 +169,9 @@ def parse_config(data: bytes, command: str) -> Config:
             f"supported: {', '.join(SUPPORTED_VERSIONS)}",
         )
     if command == "CHECK" and _version_tuple(version) < (0, 4, 0):
-        raise CniError(E_INCOMPATIBLE_VERSION, f"CHECK needs cniVersion 0.4.0 or newer, got {version}")
+        raise CniError(
+            E_INCOMPATIBLE_VERSION, f"CHECK needs cniVersion 0.4.0 or newer, got {version}"
+        )
     if command in ("STATUS", "GC") and _version_tuple(version) < (1, 1, 0):
         raise CniError(E_INCOMPATIBLE_VERSION, f"{command} needs cniVersion 1.1.0, got {version}")
 
@@ -167,19 +179,29 @@ def parse_config(data: bytes, command: str) -> Config:
         value = obj.get(key, DEFAULTS[key])
         if kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise CniError(E_INVALID_CONFIG, f"network configuration field {key}: must be a positive number, got {value!r}")
+                raise CniError(
+                    E_INVALID_CONFIG,
+                    f"network configuration field {key}: must be a positive number, got {value!r}",
+                )
             return float(value)
         if kind is list:
             if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-                raise CniError(E_INVALID_CONFIG, f"network configuration field {key}: must be a list of strings")
+                raise CniError(
+                    E_INVALID_CONFIG,
+                    f"network configuration field {key}: must be a list of strings",
+                )
             return tuple(value)
         if not isinstance(value, str) or not value:
-            raise CniError(E_INVALID_CONFIG, f"network configuration field {key}: must be a non-empty string")
+            raise CniError(
+                E_INVALID_CONFIG, f"network configuration field {key}: must be a non-empty string"
+            )
         return value
 
     prev = obj.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
-        raise CniError(E_INVALID_CONFIG, "network configuration field prevResult: must be an object")
+        raise CniError(
+            E_INVALID_CONFIG, "network configuration field prevResult: must be an object"
+        )
     return Config(
         cni_version=version,
         name=str(obj.get("name", "")),
@@ -206,8 +228,8 @@ def attachment(prev: Mapping[str, Any], pod_ifname: str) -> Attachment:
     ips = prev.get("ips", [])
     if not isinstance(interfaces, list) or not isinstance(ips, list):
         raise CniError(E_INVALID_CONFIG, "prevResult: interfaces and ips must be lists")
-    host: List[str] = []
-    sandbox_index: Dict[int, str] = {}
+    host: list[str] = []
+    sandbox_index: dict[int, str] = {}
     for i, itf in enumerate(interfaces):
         if not isinstance(itf, dict) or not isinstance(itf.get("name"), str):
             raise CniError(E_INVALID_CONFIG, f"prevResult: interfaces[{i}] has no name")
@@ -215,7 +237,7 @@ def attachment(prev: Mapping[str, Any], pod_ifname: str) -> Attachment:
             sandbox_index[i] = itf["name"]
         else:
             host.append(itf["name"])
-    addrs: List[str] = []
+    addrs: list[str] = []
     for i, ip in enumerate(ips):
         if not isinstance(ip, dict) or not isinstance(ip.get("address"), str):
             raise CniError(E_INVALID_CONFIG, f"prevResult: ips[{i}] has no address")
@@ -225,10 +247,16 @@ def attachment(prev: Mapping[str, Any], pod_ifname: str) -> Attachment:
             continue
         addr = ip["address"].split("/", 1)[0]
         if not _is_ip(addr):
-            raise CniError(E_INVALID_CONFIG, f"prevResult: ips[{i}].address is not an IP prefix: {ip['address']!r}")
+            raise CniError(
+                E_INVALID_CONFIG,
+                f"prevResult: ips[{i}].address is not an IP prefix: {ip['address']!r}",
+            )
         addrs.append(addr)
     if not addrs:
-        raise CniError(E_INVALID_CONFIG, "prevResult has no IP address for the pod: is the primary CNI's IPAM configured?")
+        raise CniError(
+            E_INVALID_CONFIG,
+            "prevResult has no IP address for the pod: is the primary CNI's IPAM configured?",
+        )
     if pod_ifname in sandbox_index.values() or not sandbox_index:
         pod_if = pod_ifname
     else:
@@ -272,7 +300,9 @@ class KubeClient:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             elif cluster.get("certificate-authority-data"):
-                ctx.load_verify_locations(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
+                ctx.load_verify_locations(
+                    cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
+                )
             elif cluster.get("certificate-authority"):
                 ctx.load_verify_locations(cafile=str(cluster["certificate-authority"]))
             self.ctx = ctx
@@ -284,37 +314,59 @@ class KubeClient:
                 raise ValueError("the user has no token")
             self.token = token
         except FileNotFoundError:
-            raise CniError(E_INVALID_CONFIG, f"kubeconfig {kubeconfig_path} does not exist: is `ztunnel-cni install` running on this node?") from None
+            raise CniError(
+                E_INVALID_CONFIG,
+                f"kubeconfig {kubeconfig_path} does not exist: is `ztunnel-cni install` running on this node?",
+            ) from None
         except (OSError, ValueError, KeyError, TypeError, ssl.SSLError) as e:
-            raise CniError(E_INVALID_CONFIG, f"kubeconfig {kubeconfig_path} is unusable: {e}", "the installer rewrites it; check its logs") from None
+            raise CniError(
+                E_INVALID_CONFIG,
+                f"kubeconfig {kubeconfig_path} is unusable: {e}",
+                "the installer rewrites it; check its logs",
+            ) from None
         self._conn: Optional[http.client.HTTPSConnection] = None
 
-    def get(self, path: str) -> Dict[str, Any]:
+    def get(self, path: str) -> dict[str, Any]:
         where = f"API server {self.host}:{self.port}"
         for attempt in (1, 2):
             if self._conn is None:
-                self._conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=self.timeout)
+                self._conn = http.client.HTTPSConnection(
+                    self.host, self.port, context=self.ctx, timeout=self.timeout
+                )
             try:
-                self._conn.request("GET", path, headers={"Authorization": f"Bearer {self.token}", "Accept": "application/json"})
+                self._conn.request(
+                    "GET",
+                    path,
+                    headers={"Authorization": f"Bearer {self.token}", "Accept": "application/json"},
+                )
                 resp = self._conn.getresponse()
                 body = resp.read(4 << 20)
             except (OSError, http.client.HTTPException) as e:
                 self.close()
                 if attempt == 2 or isinstance(e, (socket.timeout, ssl.SSLCertVerificationError)):
-                    raise CniError(E_TRY_AGAIN, f"{where} unavailable for GET {path}: {e}") from None
+                    raise CniError(
+                        E_TRY_AGAIN, f"{where} unavailable for GET {path}: {e}"
+                    ) from None
                 continue
             if resp.status == 404:
                 raise ApiNotFound(E_POD_GONE, f"GET {path}: not found")
             if resp.status in (401, 403):
-                raise CniError(E_TRY_AGAIN, f"{where} refused our credentials ({resp.status}) for GET {path}: the installer refreshes the token; check it runs")
+                raise CniError(
+                    E_TRY_AGAIN,
+                    f"{where} refused our credentials ({resp.status}) for GET {path}: the installer refreshes the token; check it runs",
+                )
             if resp.status >= 500 and attempt == 1:
                 continue
             if resp.status != 200:
-                raise CniError(E_TRY_AGAIN, f"{where} answered {resp.status} for GET {path}: {body[:200]!r}")
+                raise CniError(
+                    E_TRY_AGAIN, f"{where} answered {resp.status} for GET {path}: {body[:200]!r}"
+                )
             try:
                 obj = json.loads(body.decode("utf-8"))
             except (ValueError, UnicodeDecodeError):
-                raise CniError(E_TRY_AGAIN, f"{where} sent a body that is not JSON for GET {path}") from None
+                raise CniError(
+                    E_TRY_AGAIN, f"{where} sent a body that is not JSON for GET {path}"
+                ) from None
             if not isinstance(obj, dict):
                 raise CniError(E_TRY_AGAIN, f"{where} sent a non-object for GET {path}")
             return obj
@@ -326,14 +378,30 @@ class KubeClient:
             self._conn = None
 
 
-def _kubeconfig_entries(cfg: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def _kubeconfig_entries(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(cfg, dict):
         raise ValueError("not a kubeconfig object")
-    contexts = {c["name"]: c.get("context", {}) for c in cfg.get("contexts") or [] if isinstance(c, dict) and "name" in c}
-    clusters = {c["name"]: c.get("cluster", {}) for c in cfg.get("clusters") or [] if isinstance(c, dict) and "name" in c}
-    users = {u["name"]: u.get("user", {}) for u in cfg.get("users") or [] if isinstance(u, dict) and "name" in u}
-    ctx = contexts.get(cfg.get("current-context", "")) or (next(iter(contexts.values())) if contexts else {})
-    cluster = clusters.get(ctx.get("cluster", "")) or (next(iter(clusters.values())) if clusters else None)
+    contexts = {
+        c["name"]: c.get("context", {})
+        for c in cfg.get("contexts") or []
+        if isinstance(c, dict) and "name" in c
+    }
+    clusters = {
+        c["name"]: c.get("cluster", {})
+        for c in cfg.get("clusters") or []
+        if isinstance(c, dict) and "name" in c
+    }
+    users = {
+        u["name"]: u.get("user", {})
+        for u in cfg.get("users") or []
+        if isinstance(u, dict) and "name" in u
+    }
+    ctx = contexts.get(cfg.get("current-context", "")) or (
+        next(iter(contexts.values())) if contexts else {}
+    )
+    cluster = clusters.get(ctx.get("cluster", "")) or (
+        next(iter(clusters.values())) if clusters else None
+    )
     user = users.get(ctx.get("user", "")) or (next(iter(users.values())) if users else None)
     if not isinstance(cluster, dict) or "server" not in cluster:
         raise ValueError("no cluster with a server")
@@ -345,7 +413,7 @@ def _kubeconfig_entries(cfg: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
 # ---- the node agent's enrolment socket (ztunnel/enrolment.py: one JSON line each way) -------
 
 
-def agent_request(socket_path: str, obj: Mapping[str, Any], timeout: float) -> Dict[str, Any]:
+def agent_request(socket_path: str, obj: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     """One request to the node agent; CniError(11) when it is unavailable or refuses."""
     deadline = time.monotonic() + timeout
     try:
@@ -365,7 +433,9 @@ def agent_request(socket_path: str, obj: Mapping[str, Any], timeout: float) -> D
     try:
         answer = json.loads(buf)
     except ValueError:
-        raise CniError(E_TRY_AGAIN, f"node agent at {socket_path} sent a bad answer: {buf[:200]!r}") from None
+        raise CniError(
+            E_TRY_AGAIN, f"node agent at {socket_path} sent a bad answer: {buf[:200]!r}"
+        ) from None
     if not isinstance(answer, dict):
         raise CniError(E_TRY_AGAIN, f"node agent at {socket_path} sent a bad answer")
     if not answer.get("ok"):
@@ -393,7 +463,7 @@ def write_record(cfg: Config, env: Env, rec: Mapping[str, Any]) -> None:
         raise
 
 
-def read_record(path: str) -> Optional[Dict[str, Any]]:
+def read_record(path: str) -> Optional[dict[str, Any]]:
     try:
         with open(path) as f:
             rec = json.load(f)
@@ -413,11 +483,15 @@ class _suppress_oserror:
 # ---- commands ------------------------------------------------------------------------------
 
 
-def pod_identity(env: Env) -> Tuple[str, str, str]:
-    return (env.args.get("K8S_POD_NAMESPACE", ""), env.args.get("K8S_POD_NAME", ""), env.args.get("K8S_POD_UID", ""))
+def pod_identity(env: Env) -> tuple[str, str, str]:
+    return (
+        env.args.get("K8S_POD_NAMESPACE", ""),
+        env.args.get("K8S_POD_NAME", ""),
+        env.args.get("K8S_POD_UID", ""),
+    )
 
 
-def decide_pod(cfg: Config, env: Env) -> Tuple[bool, str]:
+def decide_pod(cfg: Config, env: Env) -> tuple[bool, str]:
     """(ambient?, why) for the pod of this ADD, reading the API server when needed."""
     namespace, name, uid = pod_identity(env)
     if not namespace or not name:
@@ -430,10 +504,16 @@ def decide_pod(cfg: Config, env: Env) -> Tuple[bool, str]:
         try:
             pod = kube.get(f"/api/v1/namespaces/{q(namespace, safe='')}/pods/{q(name, safe='')}")
         except ApiNotFound:
-            raise CniError(E_POD_GONE, f"pod {namespace}/{name} does not exist in the API server (deleted while starting?)") from None
-        meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+            raise CniError(
+                E_POD_GONE,
+                f"pod {namespace}/{name} does not exist in the API server (deleted while starting?)",
+            ) from None
+        meta: dict[str, Any] = pod["metadata"] if isinstance(pod.get("metadata"), dict) else {}
         if uid and meta.get("uid") and meta.get("uid") != uid:
-            raise CniError(E_POD_GONE, f"pod {namespace}/{name} in the API server has uid {meta.get('uid')}, not {uid}: it was deleted and re-created")
+            raise CniError(
+                E_POD_GONE,
+                f"pod {namespace}/{name} in the API server has uid {meta.get('uid')}, not {uid}: it was deleted and re-created",
+            )
         try:
             ns = kube.get(f"/api/v1/namespaces/{q(namespace, safe='')}")
             ns_labels: Optional[Mapping[str, str]] = selection.labels_of(ns)
@@ -445,33 +525,54 @@ def decide_pod(cfg: Config, env: Env) -> Tuple[bool, str]:
     return decision.ambient, decision.reason
 
 
-def cmd_add(cfg: Config, env: Env) -> Dict[str, Any]:
+def cmd_add(cfg: Config, env: Env) -> dict[str, Any]:
     if cfg.prev_result is None:
-        raise CniError(E_INVALID_CONFIG, f"{PLUGIN_TYPE} is a chained plugin: the configuration has no prevResult (put it after the primary CNI in the plugin list)")
+        raise CniError(
+            E_INVALID_CONFIG,
+            f"{PLUGIN_TYPE} is a chained plugin: the configuration has no prevResult (put it after the primary CNI in the plugin list)",
+        )
     att = attachment(cfg.prev_result, env.ifname)
     namespace, name, uid = pod_identity(env)
     ambient, why = decide_pod(cfg, env)
     if namespace and name:
         rec = {
-            "namespace": namespace, "name": name, "uid": uid, "container_id": env.container_id,
-            "netns": env.netns, "pod_ifname": att.pod_ifname, "host_ifname": att.host_ifname,
-            "ips": list(att.ips), "ambient_at_add": ambient,
+            "namespace": namespace,
+            "name": name,
+            "uid": uid,
+            "container_id": env.container_id,
+            "netns": env.netns,
+            "pod_ifname": att.pod_ifname,
+            "host_ifname": att.host_ifname,
+            "ips": list(att.ips),
+            "ambient_at_add": ambient,
         }
         try:
             write_record(cfg, env, rec)
         except OSError as e:
             if ambient:
-                raise CniError(E_IO, f"cannot write pod record in {cfg.pod_record_dir}: {e}") from None
+                raise CniError(
+                    E_IO, f"cannot write pod record in {cfg.pod_record_dir}: {e}"
+                ) from None
         req = {
-            "op": "add_pod", "namespace": namespace, "name": name, "uid": uid,
-            "ifname": att.host_ifname, "netns": env.netns, "pod_ifname": att.pod_ifname,
-            "ips": list(att.ips), "enrol": ambient,
+            "op": "add_pod",
+            "namespace": namespace,
+            "name": name,
+            "uid": uid,
+            "ifname": att.host_ifname,
+            "netns": env.netns,
+            "pod_ifname": att.pod_ifname,
+            "ips": list(att.ips),
+            "enrol": ambient,
         }
         if ambient:
             try:
                 agent_request(cfg.enrolment_socket, req, cfg.enrol_timeout)
             except CniError as e:
-                raise CniError(E_TRY_AGAIN, f"ambient pod {namespace}/{name} ({why}) cannot be enrolled: {e.msg}", "the pod must not start uncaptured; the runtime retries ADD") from None
+                raise CniError(
+                    E_TRY_AGAIN,
+                    f"ambient pod {namespace}/{name} ({why}) cannot be enrolled: {e.msg}",
+                    "the pod must not start uncaptured; the runtime retries ADD",
+                ) from None
         else:
             try:
                 agent_request(cfg.enrolment_socket, req, cfg.attach_timeout)
@@ -488,7 +589,11 @@ def cmd_del(cfg: Config, env: Env) -> None:
         namespace, name = str(rec.get("namespace", namespace)), str(rec.get("name", name))
     if namespace and name:
         try:
-            agent_request(cfg.enrolment_socket, {"op": "remove_pod", "namespace": namespace, "name": name}, cfg.attach_timeout * 4)
+            agent_request(
+                cfg.enrolment_socket,
+                {"op": "remove_pod", "namespace": namespace, "name": name},
+                cfg.attach_timeout * 4,
+            )
         except CniError as e:
             # DEL must succeed (spec: idempotent, tolerate missing state); the node controller
             # removes pods that no longer exist once the agent is back.
@@ -504,9 +609,14 @@ def cmd_check(cfg: Config, env: Env) -> None:
     rec = read_record(record_path(cfg, env))
     if rec is None or not rec.get("ambient_at_add"):
         return
-    pods = agent_request(cfg.enrolment_socket, {"op": "list"}, cfg.attach_timeout * 4).get("pods") or {}
+    pods = (
+        agent_request(cfg.enrolment_socket, {"op": "list"}, cfg.attach_timeout * 4).get("pods")
+        or {}
+    )
     key = f"{rec.get('namespace')}/{rec.get('name')}"
-    if not (isinstance(pods, dict) and isinstance(pods.get(key), dict) and pods[key].get("enrolled")):
+    if not (
+        isinstance(pods, dict) and isinstance(pods.get(key), dict) and pods[key].get("enrolled")
+    ):
         raise CniError(E_TRY_AGAIN, f"CHECK: ambient pod {key} is not enrolled with the node agent")
 
 
@@ -536,7 +646,11 @@ def error_json(code: int, msg: str, details: str, version: str) -> str:
     return json.dumps(out)
 
 
-def main(environ: Optional[Mapping[str, str]] = None, stdin: Optional[IO[bytes]] = None, stdout: Optional[IO[str]] = None) -> int:
+def main(
+    environ: Optional[Mapping[str, str]] = None,
+    stdin: Optional[IO[bytes]] = None,
+    stdout: Optional[IO[str]] = None,
+) -> int:
     environ = os.environ if environ is None else environ
     stdin = sys.stdin.buffer if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
@@ -551,10 +665,15 @@ def main(environ: Optional[Mapping[str, str]] = None, stdin: Optional[IO[bytes]]
                     version = obj["cniVersion"]
             except ValueError:
                 pass
-            stdout.write(json.dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}) + "\n")
+            stdout.write(
+                json.dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})
+                + "\n"
+            )
             return 0
         if len(data) > MAX_STDIN:
-            raise CniError(E_DECODE, f"network configuration on stdin is larger than {MAX_STDIN} bytes")
+            raise CniError(
+                E_DECODE, f"network configuration on stdin is larger than {MAX_STDIN} bytes"
+            )
         try:
             peek = json.loads(data)
             if isinstance(peek, dict) and peek.get("cniVersion") in SUPPORTED_VERSIONS:
@@ -578,7 +697,10 @@ def main(environ: Optional[Mapping[str, str]] = None, stdin: Optional[IO[bytes]]
         _log(e.msg)
         return 1
     except Exception as e:  # a bug must still answer in the spec's format
-        stdout.write(error_json(E_IO, f"{PLUGIN_TYPE} internal error: {type(e).__name__}: {e}", "", version) + "\n")
+        stdout.write(
+            error_json(E_IO, f"{PLUGIN_TYPE} internal error: {type(e).__name__}: {e}", "", version)
+            + "\n"
+        )
         return 1
 
 

@@ -7,7 +7,8 @@ the pod does not opt out with `istio.io/dataplane-mode=none`, or if the pod itse
 only and Python 3.9 syntax: the CNI plugin imports this on the host.
 """
 
-from typing import Mapping, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Optional
 
 DATAPLANE_MODE = "istio.io/dataplane-mode"
 MODE_AMBIENT = "ambient"
@@ -19,7 +20,7 @@ REDIRECTION_ENABLED = "enabled"
 # captured, so an agent that is starting can never wait for itself.
 COMPONENT_LABEL = "app.kubernetes.io/part-of"
 COMPONENT_VALUE = "ztunnel-py"
-DEFAULT_EXCLUDED_NAMESPACES: Tuple[str, ...] = ("kube-system", "istio-system")
+DEFAULT_EXCLUDED_NAMESPACES: tuple[str, ...] = ("kube-system", "istio-system")
 
 
 class PodFacts(NamedTuple):

@@ -267,9 +267,7 @@ class EnrolmentService:
 
     def _holders_of(self, req: PodRequest) -> list[str]:
         ips = {str(i) for i in req.ips}
-        return [
-            k for k, rec in self.pods.items() if k != req.key and ips & set(rec.get("ips", []))
-        ]
+        return [k for k, rec in self.pods.items() if k != req.key and ips & set(rec.get("ips", []))]
 
     async def _undo(self, req: PodRequest, known: dict[str, Any] | None) -> None:
         loop = asyncio.get_running_loop()

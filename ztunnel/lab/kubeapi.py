@@ -31,7 +31,6 @@ import logging
 import re
 import signal
 import socket
-import socketserver
 import ssl
 import sys
 import threading
@@ -147,7 +146,9 @@ class Requirement:
         return not present or value not in self.values  # "!=", "notin"
 
 
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
 _SET_EXPR = re.compile(r"^\s*(\S+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
 
 
@@ -187,7 +188,11 @@ def parse_label_selector(text: str) -> list[Requirement]:
         else:
             reqs.append(Requirement(part, "exists"))
         if not _LABEL_KEY.match(reqs[-1].key):
-            raise ApiError(400, "BadRequest", f"unable to parse requirement: invalid label key {reqs[-1].key!r}")
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"unable to parse requirement: invalid label key {reqs[-1].key!r}",
+            )
     return reqs
 
 
@@ -203,12 +208,18 @@ def parse_field_selector(text: str) -> list[tuple[str, str, str]]:
     out = []
     for part in _split_selector(text):
         op = "!=" if "!=" in part else "="
-        k, v = part.split("!=", 1) if op == "!=" else part.replace("==", "=").split("=", 1) if "=" in part else (part, None)
+        k, v = (
+            part.split("!=", 1)
+            if op == "!="
+            else part.replace("==", "=").split("=", 1)
+            if "=" in part
+            else (part, None)
+        )
         if v is None:
             raise ApiError(400, "BadRequest", f"invalid field selector: {part!r}")
         k = k.strip()
         if k not in FIELD_PATHS:
-            raise ApiError(400, "BadRequest", f'field label not supported: {k}')
+            raise ApiError(400, "BadRequest", f"field label not supported: {k}")
         out.append((k, op, v.strip()))
     return out
 
@@ -220,7 +231,9 @@ class Selector:
 
     @classmethod
     def parse(cls, label_selector: str = "", field_selector: str = "") -> Selector:
-        return cls(tuple(parse_label_selector(label_selector)), tuple(parse_field_selector(field_selector)))
+        return cls(
+            tuple(parse_label_selector(label_selector)), tuple(parse_field_selector(field_selector))
+        )
 
     def matches(self, obj: Mapping[str, Any]) -> bool:
         meta = obj.get("metadata") or {}
@@ -260,7 +273,11 @@ def strategic_merge_patch(target: Any, patch: Any) -> Any:
             return None
         if any(k.startswith("$") for k in patch):
             bad = sorted(k for k in patch if k.startswith("$"))
-            raise ApiError(415, "UnsupportedMediaType", f"strategic merge directives {bad} are not supported by this stand-in")
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"strategic merge directives {bad} are not supported by this stand-in",
+            )
         out = dict(target) if isinstance(target, dict) else {}
         for k, v in patch.items():
             if v is None:
@@ -304,13 +321,15 @@ class Fault:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ObjectStore:
     """Objects, resource versions and the watch event log; thread-safe."""
 
-    def __init__(self, event_log: int = DEFAULT_EVENT_LOG, graceful_pod_deletion: bool = False) -> None:
+    def __init__(
+        self, event_log: int = DEFAULT_EVENT_LOG, graceful_pod_deletion: bool = False
+    ) -> None:
         self._lock = threading.Condition()
         self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._log: collections.deque[Event] = collections.deque(maxlen=event_log)
@@ -333,7 +352,9 @@ class ObjectStore:
         with self._lock:
             return self._log[0].rv - 1 if len(self._log) == self._log.maxlen else 0
 
-    def _emit(self, res: Resource, type_: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+    def _emit(
+        self, res: Resource, type_: str, obj: dict[str, Any], old: dict[str, Any] | None
+    ) -> None:
         self._log.append(Event(self._rv, res, type_, copy.deepcopy(obj), old))
         self._lock.notify_all()
 
@@ -359,22 +380,42 @@ class ObjectStore:
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = str(meta["generateName"]) + uuid.uuid4().hex[:5]
         name = meta.get("name")
-        if not isinstance(name, str) or not re.match(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", name):
-            raise ApiError(422, "Invalid", f"{res.kind} name {name!r} is invalid: a lowercase RFC 1123 name is required")
+        if not isinstance(name, str) or not re.match(
+            r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", name
+        ):
+            raise ApiError(
+                422,
+                "Invalid",
+                f"{res.kind} name {name!r} is invalid: a lowercase RFC 1123 name is required",
+            )
         if res.namespaced:
             if meta.get("namespace") not in (None, "", namespace):
-                raise ApiError(400, "BadRequest", "the namespace of the object does not match the namespace of the request")
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "the namespace of the object does not match the namespace of the request",
+                )
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
         for k in ("labels", "annotations"):
             v = meta.get(k)
-            if v is not None and (not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values())):
+            if v is not None and (
+                not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values())
+            ):
                 raise ApiError(422, "Invalid", f"metadata.{k} must map strings to strings")
         if res.kind == "Pod":
             containers = (new.get("spec") or {}).get("containers")
-            if not isinstance(containers, list) or not containers or not all(isinstance(c, dict) and c.get("name") for c in containers):
-                raise ApiError(422, "Invalid", "Pod spec.containers: Required value (a list of named containers)")
+            if (
+                not isinstance(containers, list)
+                or not containers
+                or not all(isinstance(c, dict) and c.get("name") for c in containers)
+            ):
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    "Pod spec.containers: Required value (a list of named containers)",
+                )
             new.setdefault("status", {}).setdefault("phase", "Pending")
         if res.kind == "Namespace":
             new.setdefault("status", {})["phase"] = "Active"
@@ -401,16 +442,27 @@ class ObjectStore:
                 raise ApiError(404, "NotFound", f'{res.plural} "{name}" not found')
             return copy.deepcopy(obj)
 
-    def list(self, res: Resource, namespace: str = "", selector: Selector = Selector()) -> tuple[list[dict[str, Any]], int]:
+    def list(
+        self, res: Resource, namespace: str = "", selector: Selector = Selector()
+    ) -> tuple[list[dict[str, Any]], int]:
         with self._lock:
             items = [
                 copy.deepcopy(o)
                 for (plural, ns, _), o in sorted(self._objects.items())
-                if plural == res.plural and (not namespace or ns == namespace) and selector.matches(o)
+                if plural == res.plural
+                and (not namespace or ns == namespace)
+                and selector.matches(o)
             ]
             return items, self._rv
 
-    def _write(self, res: Resource, namespace: str, name: str, change: Callable[[dict[str, Any]], dict[str, Any]], status_only: bool = False) -> dict[str, Any]:
+    def _write(
+        self,
+        res: Resource,
+        namespace: str,
+        name: str,
+        change: Callable[[dict[str, Any]], dict[str, Any]],
+        status_only: bool = False,
+    ) -> dict[str, Any]:
         with self._lock:
             key = self._key(res, namespace, name)
             old = self._objects.get(key)
@@ -421,7 +473,11 @@ class ObjectStore:
                 raise ApiError(422, "Invalid", "the result must be an object with metadata")
             want_rv = changed["metadata"].get("resourceVersion")
             if want_rv not in (None, "", old["metadata"]["resourceVersion"]):
-                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {res.plural} "{name}": the object has been modified; please apply your changes to the latest version and try again')
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {res.plural} "{name}": the object has been modified; please apply your changes to the latest version and try again',
+                )
             if status_only:
                 # pods/status and friends change only the status.
                 new = copy.deepcopy(old)
@@ -430,10 +486,21 @@ class ObjectStore:
                 new = changed
                 for k in ("labels", "annotations"):
                     v = new["metadata"].get(k)
-                    if v is not None and (not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values())):
+                    if v is not None and (
+                        not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values())
+                    ):
                         raise ApiError(422, "Invalid", f"metadata.{k} must map strings to strings")
                 # Identity and server-owned fields stay as they were.
-                for k in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "resourceVersion"):
+                for k in (
+                    "name",
+                    "namespace",
+                    "uid",
+                    "creationTimestamp",
+                    "deletionTimestamp",
+                    "deletionGracePeriodSeconds",
+                    "generation",
+                    "resourceVersion",
+                ):
                     if k in old["metadata"]:
                         new["metadata"][k] = old["metadata"][k]
                     else:
@@ -450,12 +517,30 @@ class ObjectStore:
             self._emit(res, "MODIFIED", new, copy.deepcopy(old))
             return copy.deepcopy(new)
 
-    def replace(self, res: Resource, namespace: str, name: str, obj: Mapping[str, Any], status_only: bool = False) -> dict[str, Any]:
-        if not isinstance(obj, Mapping) or (obj.get("metadata") or {}).get("name") not in (None, name):
+    def replace(
+        self,
+        res: Resource,
+        namespace: str,
+        name: str,
+        obj: Mapping[str, Any],
+        status_only: bool = False,
+    ) -> dict[str, Any]:
+        if not isinstance(obj, Mapping) or (obj.get("metadata") or {}).get("name") not in (
+            None,
+            name,
+        ):
             raise ApiError(400, "BadRequest", "the name in the body does not match the URL")
         return self._write(res, namespace, name, lambda _old: copy.deepcopy(dict(obj)), status_only)
 
-    def patch(self, res: Resource, namespace: str, name: str, patch: Any, content_type: str, status_only: bool = False) -> dict[str, Any]:
+    def patch(
+        self,
+        res: Resource,
+        namespace: str,
+        name: str,
+        patch: Any,
+        content_type: str,
+        status_only: bool = False,
+    ) -> dict[str, Any]:
         if not isinstance(patch, dict):
             raise ApiError(400, "BadRequest", "a patch must be a JSON object")
         if content_type == "application/merge-patch+json":
@@ -463,10 +548,16 @@ class ObjectStore:
         elif content_type == "application/strategic-merge-patch+json":
             fn = strategic_merge_patch
         else:
-            raise ApiError(415, "UnsupportedMediaType", f"the stand-in supports merge-patch+json and strategic-merge-patch+json, not {content_type!r}")
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the stand-in supports merge-patch+json and strategic-merge-patch+json, not {content_type!r}",
+            )
         return self._write(res, namespace, name, lambda old: fn(old, patch), status_only)
 
-    def delete(self, res: Resource, namespace: str, name: str, grace_seconds: int | None = None) -> dict[str, Any]:
+    def delete(
+        self, res: Resource, namespace: str, name: str, grace_seconds: int | None = None
+    ) -> dict[str, Any]:
         with self._lock:
             key = self._key(res, namespace, name)
             obj = self._objects.get(key)
@@ -484,13 +575,21 @@ class ObjectStore:
                     return copy.deepcopy(obj)
                 old = copy.deepcopy(obj)
                 obj["metadata"]["deletionTimestamp"] = _now()
-                obj["metadata"]["deletionGracePeriodSeconds"] = 30 if grace_seconds is None else grace_seconds
+                obj["metadata"]["deletionGracePeriodSeconds"] = (
+                    30 if grace_seconds is None else grace_seconds
+                )
                 self._bump(obj)
                 self._emit(res, "MODIFIED", obj, old)
                 return copy.deepcopy(obj)
             removed = [(res, key)]
             if res.kind == "Namespace":
-                removed += [(r, k) for r in RESOURCES if r.namespaced for k in self._objects if k[0] == r.plural and k[1] == name]
+                removed += [
+                    (r, k)
+                    for r in RESOURCES
+                    if r.namespaced
+                    for k in self._objects
+                    if k[0] == r.plural and k[1] == name
+                ]
             for r, k in removed:
                 gone = self._objects.pop(k)
                 old = copy.deepcopy(gone)
@@ -499,21 +598,37 @@ class ObjectStore:
             return copy.deepcopy(obj)
 
     # -- watch
-    def events(self, res: Resource, namespace: str, selector: Selector, since: int, stop: Callable[[], bool], timeout: float) -> Iterator[tuple[str, dict[str, Any]] | None]:
+    def events(
+        self,
+        res: Resource,
+        namespace: str,
+        selector: Selector,
+        since: int,
+        stop: Callable[[], bool],
+        timeout: float,
+    ) -> Iterator[tuple[str, dict[str, Any]] | None]:
         """Yields (type, object) after resourceVersion `since`, None when idle for a while
         (the caller may then send a bookmark or check its connection). ApiError 410 when
         `since` is older than the event log."""
         deadline = time.monotonic() + timeout
         with self._lock:
             if since < self.oldest_watchable():
-                raise ApiError(410, "Expired", f"too old resource version: {since} ({self.oldest_watchable() + 1})")
+                raise ApiError(
+                    410,
+                    "Expired",
+                    f"too old resource version: {since} ({self.oldest_watchable() + 1})",
+                )
         cursor = since
         while not stop() and not self.closed and time.monotonic() < deadline:
             batch: list[Event] = []
             with self._lock:
                 if self._log and self._log[-1].rv <= cursor:
                     self._lock.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
-                if self._log and self._log[0].rv > cursor + 1 and len(self._log) == self._log.maxlen:
+                if (
+                    self._log
+                    and self._log[0].rv > cursor + 1
+                    and len(self._log) == self._log.maxlen
+                ):
                     raise ApiError(410, "Expired", f"too old resource version: {cursor}")
                 batch = [e for e in self._log if e.rv > cursor]
             if not batch:
@@ -521,7 +636,9 @@ class ObjectStore:
                 continue
             for e in batch:
                 cursor = e.rv
-                if e.resource != res or (namespace and e.obj["metadata"].get("namespace") != namespace):
+                if e.resource != res or (
+                    namespace and e.obj["metadata"].get("namespace") != namespace
+                ):
                     continue
                 now_in = e.type != "DELETED" and selector.matches(e.obj)
                 was_in = e.old is not None and selector.matches(e.old)
@@ -541,7 +658,7 @@ class ObjectStore:
 
 def make_certificates(hosts: list[str]) -> tuple[bytes, bytes, bytes]:
     """(CA PEM, server certificate PEM, server key PEM) for the listen addresses."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver stand-in CA")])
     ca = (
@@ -553,12 +670,20 @@ def make_certificates(hosts: list[str]) -> tuple[bytes, bytes, bytes]:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.DNSName("kubernetes.default.svc"), x509.DNSName("localhost")]
+    sans: list[x509.GeneralName] = [
+        x509.DNSName("kubernetes.default.svc"),
+        x509.DNSName("localhost"),
+    ]
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
@@ -573,12 +698,18 @@ def make_certificates(hosts: list[str]) -> tuple[bytes, bytes, bytes]:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return ca.public_bytes(pem), cert.public_bytes(pem), key_pem
 
 
@@ -590,11 +721,33 @@ def _discovery(group: str, version: str) -> dict[str, Any]:
     for r in RESOURCES:
         if (r.group, r.version) != (group, version):
             continue
-        resources.append({"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind, "verbs": VERBS, "shortNames": list(r.short_names)})
+        resources.append(
+            {
+                "name": r.plural,
+                "singularName": r.singular,
+                "namespaced": r.namespaced,
+                "kind": r.kind,
+                "verbs": VERBS,
+                "shortNames": list(r.short_names),
+            }
+        )
         if r.has_status:
-            resources.append({"name": f"{r.plural}/status", "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]})
+            resources.append(
+                {
+                    "name": f"{r.plural}/status",
+                    "singularName": "",
+                    "namespaced": r.namespaced,
+                    "kind": r.kind,
+                    "verbs": ["get", "patch", "update"],
+                }
+            )
     gv = f"{group}/{version}" if group else version
-    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}
+    return {
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": gv,
+        "resources": resources,
+    }
 
 
 _PATH = re.compile(
@@ -628,10 +781,14 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise ApiError(400, "BadRequest", "bad Content-Length") from None
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            raise ApiError(411, "LengthRequired", "chunked request bodies are not supported by this stand-in")
+            raise ApiError(
+                411, "LengthRequired", "chunked request bodies are not supported by this stand-in"
+            )
         if length > MAX_BODY:
             self.close_connection = True
-            raise ApiError(413, "RequestEntityTooLarge", f"request body larger than {MAX_BODY} bytes")
+            raise ApiError(
+                413, "RequestEntityTooLarge", f"request body larger than {MAX_BODY} bytes"
+            )
         raw = self.rfile.read(length) if length else b""
         try:
             return json.loads(raw) if raw else None
@@ -682,13 +839,17 @@ class _Handler(BaseHTTPRequestHandler):
             m = _PATH.match(path)
             if not m:
                 self._body_discard()
-                raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
+                raise ApiError(
+                    404, "NotFound", f"the server could not find the requested resource ({path})"
+                )
             group = m.group("g") or ""
             version = m.group("cv") or m.group("gv")
             res = BY_PATH.get((group, version, m.group("plural")))
             if res is None or (m.group("ns") and not res.namespaced):
                 self._body_discard()
-                raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
+                raise ApiError(
+                    404, "NotFound", f"the server could not find the requested resource ({path})"
+                )
             ns = urllib.parse.unquote(m.group("ns") or "")
             name = urllib.parse.unquote(m.group("name") or "")
             sub = m.group("sub") == "status"
@@ -708,10 +869,33 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/version":
             self._send_json(200, SERVER_VERSION)
         elif path == "/api":
-            self._send_json(200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": self.server.api.address}]})
+            self._send_json(
+                200,
+                {
+                    "kind": "APIVersions",
+                    "versions": ["v1"],
+                    "serverAddressByClientCIDRs": [
+                        {"clientCIDR": "0.0.0.0/0", "serverAddress": self.server.api.address}
+                    ],
+                },
+            )
         elif path == "/apis":
             groups = sorted({r.group for r in RESOURCES if r.group})
-            self._send_json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [{"name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}], "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}} for g in groups]})
+            self._send_json(
+                200,
+                {
+                    "kind": "APIGroupList",
+                    "apiVersion": "v1",
+                    "groups": [
+                        {
+                            "name": g,
+                            "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
+                            "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"},
+                        }
+                        for g in groups
+                    ],
+                },
+            )
         elif path == "/api/v1":
             self._send_json(200, _discovery("", "v1"))
         elif path.startswith("/apis/") and path.count("/") == 3:
@@ -723,28 +907,53 @@ class _Handler(BaseHTTPRequestHandler):
             g = path.split("/")[2]
             if not any(r.group == g for r in RESOURCES):
                 raise ApiError(404, "NotFound", f"no group {g}")
-            self._send_json(200, {"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}], "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}})
+            self._send_json(
+                200,
+                {
+                    "kind": "APIGroup",
+                    "apiVersion": "v1",
+                    "name": g,
+                    "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
+                    "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"},
+                },
+            )
         else:
             return False
         return True
 
-    def _resource(self, method: str, res: Resource, ns: str, name: str, sub: bool, query: dict[str, str]) -> None:
+    def _resource(
+        self, method: str, res: Resource, ns: str, name: str, sub: bool, query: dict[str, str]
+    ) -> None:
         store = self.server.api.store
         if sub and not name:
             raise ApiError(404, "NotFound", "status needs an object name")
         if method == "GET" and not name:
-            selector = Selector.parse(query.get("labelSelector", ""), query.get("fieldSelector", ""))
+            selector = Selector.parse(
+                query.get("labelSelector", ""), query.get("fieldSelector", "")
+            )
             if query.get("watch") in ("true", "1"):
                 self._watch(res, ns, selector, query)
                 return
             rv = query.get("resourceVersion", "")
-            if rv and query.get("resourceVersionMatch") == "Exact" and int(rv) < store.oldest_watchable():
+            if (
+                rv
+                and query.get("resourceVersionMatch") == "Exact"
+                and int(rv) < store.oldest_watchable()
+            ):
                 raise ApiError(410, "Expired", f"too old resource version: {rv}")
             items, current = store.list(res, ns, selector)
             for it in items:
                 it.pop("kind", None)
                 it.pop("apiVersion", None)
-            self._send_json(200, {"kind": f"{res.kind}List", "apiVersion": res.api_version, "metadata": {"resourceVersion": str(current)}, "items": items})
+            self._send_json(
+                200,
+                {
+                    "kind": f"{res.kind}List",
+                    "apiVersion": res.api_version,
+                    "metadata": {"resourceVersion": str(current)},
+                    "items": items,
+                },
+            )
         elif method == "GET":
             self._send_json(200, store.get(res, ns, name))
         elif method == "POST" and not name and not sub:
@@ -772,7 +981,9 @@ class _Handler(BaseHTTPRequestHandler):
             since_text = query.get("resourceVersion", "")
             since = int(since_text) if since_text not in ("", "0") else None
         except ValueError:
-            raise ApiError(400, "BadRequest", "resourceVersion and timeoutSeconds must be numbers") from None
+            raise ApiError(
+                400, "BadRequest", "resourceVersion and timeoutSeconds must be numbers"
+            ) from None
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
         initial: list[tuple[str, dict[str, Any]]] = []
         if since is None:
@@ -803,7 +1014,14 @@ class _Handler(BaseHTTPRequestHandler):
                         last_sent = time.monotonic()
                     elif bookmarks and time.monotonic() - last_sent >= api.bookmark_interval:
                         last_rv = max(last_rv, store.resource_version)
-                        send("BOOKMARK", {"kind": res.kind, "apiVersion": res.api_version, "metadata": {"resourceVersion": str(last_rv)}})
+                        send(
+                            "BOOKMARK",
+                            {
+                                "kind": res.kind,
+                                "apiVersion": res.api_version,
+                                "metadata": {"resourceVersion": str(last_rv)},
+                            },
+                        )
                         last_sent = time.monotonic()
             except ApiError as e:
                 send("ERROR", e.status())
@@ -848,7 +1066,7 @@ class _HttpServer(ThreadingHTTPServer):
             return
         tls.settimeout(IDLE_TIMEOUT)
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            _Handler(tls, client_address, self)
         except (OSError, ssl.SSLError):
             pass
         finally:
@@ -862,7 +1080,13 @@ class _HttpServer(ThreadingHTTPServer):
 class KubeApiServer:
     """The stand-in: an ObjectStore served over HTTPS on one or more listening sockets."""
 
-    def __init__(self, token: str, hosts: list[str] | None = None, store: ObjectStore | None = None, bookmark_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        token: str,
+        hosts: list[str] | None = None,
+        store: ObjectStore | None = None,
+        bookmark_interval: float = 5.0,
+    ) -> None:
         self.token = token
         self.store = store or ObjectStore()
         self.ca_pem, cert_pem, key_pem = make_certificates(hosts or ["127.0.0.1"])
@@ -903,7 +1127,12 @@ class KubeApiServer:
         host, port = sock.getsockname()[:2]
         url = f"https://{host}:{port}" if ":" not in host else f"https://[{host}]:{port}"
         self.address = self.address or f"{host}:{port}"
-        t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=f"kubeapi {url}", daemon=True)
+        t = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"kubeapi {url}",
+            daemon=True,
+        )
         t.start()
         self._servers.append(server)
         self._threads.append(t)
@@ -942,7 +1171,9 @@ class KubeApiServer:
         if hit.delay:
             self.stopping.wait(hit.delay)
         if hit.status:
-            raise ApiError(hit.status, "InternalError" if hit.status >= 500 else "BadRequest", hit.message)
+            raise ApiError(
+                hit.status, "InternalError" if hit.status >= 500 else "BadRequest", hit.message
+            )
 
     def kubeconfig(self, url: str, token: str | None = None) -> dict[str, Any]:
         from cni.install import kubeconfig_document
@@ -951,12 +1182,17 @@ class KubeApiServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ztunnel.lab.kubeapi", description="Kubernetes API server STAND-IN for tests and the lab (not Kubernetes).")
+    p = argparse.ArgumentParser(
+        prog="python -m ztunnel.lab.kubeapi",
+        description="Kubernetes API server STAND-IN for tests and the lab (not Kubernetes).",
+    )
     p.add_argument("--listen", default="127.0.0.1:6443", help="HOST:PORT (port 0 = any)")
     p.add_argument("--token", required=True, help="the bearer token clients must send")
     p.add_argument("--dir", required=True, help="where to write ca.pem and kubeconfig")
     p.add_argument("--bookmark-interval", type=float, default=5.0)
-    p.add_argument("--event-log", type=int, default=DEFAULT_EVENT_LOG, help="watch events kept for resuming")
+    p.add_argument(
+        "--event-log", type=int, default=DEFAULT_EVENT_LOG, help="watch events kept for resuming"
+    )
     args = p.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     host = host.strip("[]")
