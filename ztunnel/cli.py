@@ -103,6 +103,10 @@ def _lab(args: argparse.Namespace) -> int:
                 "removes it"
             )
             return 0
+        if args.lab_command == "demo" and not args.static:
+            from ztunnel.lab import k8sdemo
+
+            return k8sdemo.main(args.nodes, args.pods, args.cni)
         if args.lab_command == "demo":
             return demo.main(args.nodes, args.pods, args.keep)
         if args.lab_command == "status":
@@ -164,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pods", type=int, default=3, help="pods per node")
         if name == "demo":
             p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+            # The Kubernetes mode (ztunnel.lab.k8sdemo) is the default demo.
+            p.add_argument(
+                "--static",
+                action="store_true",
+                help="without Kubernetes: mesh file and enrolment written by the lab",
+            )
+            p.add_argument("--cni", choices=["ptp", "bridge"], default="ptp", help="primary CNI")
     lab_sub.add_parser("status", help="labs, agents, enrolled pods, connections")
     down = lab_sub.add_parser("down", help="remove labs (all, also leftovers of killed runs)")
     down.add_argument("--lab", default=None, help="only this lab id")
