@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -346,6 +347,9 @@ class Kubelet:
                 )
             with self._lock:
                 self.sandboxes[uid] = sb
+            # Readiness probe from the node (as kubelet): Ready once the app accepts.
+            if not topo.wait_until(lambda: self._probe(sb.ip), 20.0, 0.05):
+                log.warning("pod %s: app not accepting on %s:8080", sb.pod, sb.ip)
             status = {
                 "phase": "Running",
                 "hostIP": str(self.node.ip),
@@ -374,6 +378,16 @@ class Kubelet:
         finally:
             with self._lock:
                 self._starting.discard(uid)
+
+    def _probe(self, ip: str) -> bool:
+        def connect() -> bool:
+            try:
+                socket.create_connection((ip, runner.APP_PORTS[0]), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        return topo.call_in_netns(self.node.netns, connect)
 
     def _gone(self, uid: str) -> bool:
         return not any(
@@ -525,9 +539,7 @@ class KubeLab:
             for sb in sorted(self.kubelets[node.name].sandboxes.values(), key=lambda s: s.pod):
                 name = sb.pod.split("/", 1)[1]
                 specs.append(
-                    PodSpec(
-                        name, sb.netns, node.name, ipaddress.IPv4Address(sb.ip), sb.host_ifname
-                    )
+                    PodSpec(name, sb.netns, node.name, ipaddress.IPv4Address(sb.ip), sb.host_ifname)
                 )
             nodes.append(
                 NodeSpec(
@@ -594,6 +606,16 @@ class KubeLab:
             return False
 
         return topo.wait_until(check, timeout, 0.05)
+
+
+def _answers(sock: str) -> bool:
+    from ztunnel.enrolment import EnrolmentError, request
+
+    try:
+        request(sock, {"op": "list"}, timeout=2)
+        return True
+    except EnrolmentError:
+        return False
 
 
 def _start_process(netns: str, argv: list[str], log_path: Path) -> int:
@@ -677,6 +699,13 @@ def up(nodes: int = 2, cni: str = "ptp", progress: runner.Progress = runner._qui
             runner.start_agent(t, node, ["--reload-interval", "0.1"])
         for node in t.nodes:
             runner.wait_agent(t, node)
+            # Readiness can come before the capture (BPF loader) is up: wait for enrolment.
+            if not topo.wait_until(
+                lambda node=node: _answers(runner.enrolment_socket(t, node)),
+                runner.AGENT_START_TIMEOUT,
+                0.1,
+            ):
+                raise LabError(f"agent of {node.name} never served its enrolment socket")
         for node in t.nodes:
             nd = lab.node_dir(node)
             sock = runner.enrolment_socket(t, node)
