@@ -13,6 +13,7 @@ way, so established connections stay as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -406,7 +407,7 @@ def main(args: Any) -> int:
     ctl.start()
     log.info("enrolment controller for node %s started", settings.node_name)
     status_file = Path(args.status_file) if args.status_file else None
-    while not stop.wait(1.0):
+    while not stop.wait(0.5):
         if status_file is not None:
             _write_status(status_file, ctl)
     ctl.stop()

@@ -91,6 +91,7 @@ class PluginRun:
     seconds: float
     ok: bool
     output: str
+    stderr: str = ""
 
 
 class CniRuntime:
@@ -136,8 +137,9 @@ class CniRuntime:
                 check=False,
             )
             out, ok = res.stdout.decode(errors="replace"), res.returncode == 0
+            err = res.stderr.decode(errors="replace")
         except subprocess.TimeoutExpired:
-            out, ok = '{"msg": "plugin timed out"}', False
+            out, ok, err = '{"msg": "plugin timed out"}', False, ""
         seconds = time.perf_counter() - t0
         with self._lock:
             self.runs.append(
@@ -780,6 +782,15 @@ def up(nodes: int = 2, cni: str = "ptp", progress: runner.Progress = runner._qui
                 raise LabError(
                     f"ztunnel-cni install did not chain itself on {node.name}: {runner._tail(nd / 'install.log')}"
                 )
+            status = nd / "controller-status.json"
+
+            def controller_up(status: Path = status) -> bool:
+                with contextlib.suppress(OSError, ValueError):
+                    return bool(json.loads(status.read_text()).get("agent_available"))
+                return False
+
+            if not topo.wait_until(controller_up, 60.0, 0.1):
+                raise LabError(f"enrolment controller of {node.name} not up: {runner._tail(nd / 'controller.log')}")
             lab.kubelets[node.name] = Kubelet(lab, node, lab.runtimes[node.name])
             lab.kubelets[node.name].start()
         return lab
