@@ -130,7 +130,10 @@ def _array_elements(text: str, span: Span) -> list[Span]:
 
 
 def _plugins_span(text: str) -> Span:
+    json.loads(text)  # ValueError for anything malformed, before scanning positions
     start = _skip_ws(text, 0)
+    if not text[start:].startswith("{"):
+        raise ValueError("a .conflist must be a JSON object")
     members, _ = _object_members(text, start)
     span = members.get("plugins")
     if span is None or not isinstance(span.value, list):
