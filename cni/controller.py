@@ -127,7 +127,6 @@ class Informer:
                         self._settings.request_timeout,
                         self._settings.watch_timeout + 30,
                     ),
-                    deserialize=False,
                     **self._kwargs,
                 ):
                     if self._stop.is_set():
@@ -177,7 +176,8 @@ class Informer:
 
     def _apply(self, event: Mapping[str, Any]) -> None:
         type_ = event.get("type")
-        obj = event.get("raw_object") or event.get("object") or {}
+        # raw_object: the event's JSON as sent (the client's model is not used).
+        obj = event.get("raw_object") or {}
         rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         if type_ == "BOOKMARK":
             self.resource_version = rv or self.resource_version

@@ -790,7 +790,9 @@ def up(nodes: int = 2, cni: str = "ptp", progress: runner.Progress = runner._qui
                 return False
 
             if not topo.wait_until(controller_up, 60.0, 0.1):
-                raise LabError(f"enrolment controller of {node.name} not up: {runner._tail(nd / 'controller.log')}")
+                raise LabError(
+                    f"enrolment controller of {node.name} not up: {runner._tail(nd / 'controller.log')}"
+                )
             lab.kubelets[node.name] = Kubelet(lab, node, lab.runtimes[node.name])
             lab.kubelets[node.name].start()
         return lab

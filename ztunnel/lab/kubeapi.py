@@ -149,6 +149,7 @@ class Requirement:
 _LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 _SET_EXPR = re.compile(r"^\s*(\S+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
 
 
@@ -193,6 +194,11 @@ def parse_label_selector(text: str) -> list[Requirement]:
                 "BadRequest",
                 f"unable to parse requirement: invalid label key {reqs[-1].key!r}",
             )
+        for v in reqs[-1].values:
+            if not _LABEL_VALUE.match(v):
+                raise ApiError(
+                    400, "BadRequest", f"unable to parse requirement: invalid label value {v!r}"
+                )
     return reqs
 
 

@@ -51,8 +51,15 @@ def test_insert_replaces_an_older_entry_of_ours() -> None:
 
 def test_entry_in_the_middle_is_removed_and_ours_goes_last() -> None:
     text = '{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"a"},{"type":"ztunnel-cni"},{"type":"b"}]}'
-    assert install.remove_entry(text) == '{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"a"},{"type":"b"}]}'
-    assert [p["type"] for p in json.loads(install.insert_entry(text, ENTRY))["plugins"]] == ["a", "b", "ztunnel-cni"]
+    assert (
+        install.remove_entry(text)
+        == '{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"a"},{"type":"b"}]}'
+    )
+    assert [p["type"] for p in json.loads(install.insert_entry(text, ENTRY))["plugins"]] == [
+        "a",
+        "b",
+        "ztunnel-cni",
+    ]
     empty = '{"cniVersion":"1.0.0","name":"n","plugins":[ ]}'
     assert json.loads(install.insert_entry(empty, ENTRY))["plugins"] == [ENTRY]
 
@@ -61,7 +68,11 @@ def test_conf_becomes_a_conflist_with_the_plugin_text_unchanged() -> None:
     text = install.conf_to_conflist(CONF)
     assert CONF.strip() in text
     obj = json.loads(text)
-    assert obj["cniVersion"] == "0.4.0" and obj["name"] == "bridge-net" and obj["plugins"][0]["bridge"] == "cni0"
+    assert (
+        obj["cniVersion"] == "0.4.0"
+        and obj["name"] == "bridge-net"
+        and obj["plugins"][0]["bridge"] == "cni0"
+    )
 
 
 @pytest.mark.parametrize("bad", ["{", '{"plugins": 3}', "[]", '{"name": "x"}'])
@@ -103,9 +114,15 @@ def settings(tmp_path: Path) -> InstallSettings:
     (sa / "ca.crt").write_bytes(b"-----CA-----\n")
     (tmp_path / "net.d").mkdir()
     return InstallSettings(
-        cni_bin_dir=tmp_path / "bin", cni_conf_dir=tmp_path / "net.d", host_root=tmp_path,
-        kubeconfig_host_path="/etc/cni/net.d/ztunnel-cni-kubeconfig", api_server="https://10.0.0.1:6443",
-        token_file=sa / "token", ca_file=sa / "ca.crt", poll_interval=0.02, host_python="/usr/bin/python3",
+        cni_bin_dir=tmp_path / "bin",
+        cni_conf_dir=tmp_path / "net.d",
+        host_root=tmp_path,
+        kubeconfig_host_path="/etc/cni/net.d/ztunnel-cni-kubeconfig",
+        api_server="https://10.0.0.1:6443",
+        token_file=sa / "token",
+        ca_file=sa / "ca.crt",
+        poll_interval=0.02,
+        host_python="/usr/bin/python3",
     )
 
 
@@ -121,7 +138,9 @@ def _wait(pred: object, timeout: float = 5.0) -> bool:
 
 
 @pytest.mark.parametrize("deleted", [False, True])
-def test_installer_keeps_itself_chained_and_leaves_only_when_the_daemonset_goes(tmp_path: Path, deleted: bool) -> None:
+def test_installer_keeps_itself_chained_and_leaves_only_when_the_daemonset_goes(
+    tmp_path: Path, deleted: bool
+) -> None:
     s = settings(tmp_path)
     primary = s.cni_conf_dir / "10-calico.conflist"
     primary.write_text(CONFLIST)
@@ -132,7 +151,9 @@ def test_installer_keeps_itself_chained_and_leaves_only_when_the_daemonset_goes(
     try:
         assert _wait(lambda: "ztunnel-cni" in primary.read_text())
         plugin_bin = s.cni_bin_dir / "ztunnel-cni"
-        assert plugin_bin.read_bytes().startswith(b"#!/usr/bin/python3\n") and os.access(plugin_bin, os.X_OK)
+        assert plugin_bin.read_bytes().startswith(b"#!/usr/bin/python3\n") and os.access(
+            plugin_bin, os.X_OK
+        )
         kc = json.loads((s.cni_conf_dir / "ztunnel-cni-kubeconfig").read_text())
         assert kc["users"][0]["user"]["token"] == "token-1"
         # The primary CNI rewrites its file: we come back, its bytes kept.
@@ -155,6 +176,9 @@ def test_installer_converts_a_conf_and_restarting_changes_nothing(tmp_path: Path
     (s.cni_conf_dir / "10-bridge.conf").write_text(CONF)
     inst = Installer(s)
     first = inst.ensure_chain()
-    assert first == s.cni_conf_dir / "10-bridge.conflist" and not (s.cni_conf_dir / "10-bridge.conf").exists()
+    assert (
+        first == s.cni_conf_dir / "10-bridge.conflist"
+        and not (s.cni_conf_dir / "10-bridge.conf").exists()
+    )
     before = first.read_text()
     assert Installer(s).ensure_chain() == first and first.read_text() == before

@@ -14,14 +14,44 @@ from cni.plugin import CniError, attachment, parse_config, parse_env
 
 pytestmark = pytest.mark.unit
 
-ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c0ffee", "CNI_NETNS": "/run/netns/p", "CNI_IFNAME": "eth0", "CNI_ARGS": "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=p", "CNI_PATH": "/opt/cni/bin"}
-PTP_RESULT = {"cniVersion": "1.0.0", "interfaces": [{"name": "veth1234", "mac": "aa:bb:cc:dd:ee:ff"}, {"name": "eth0", "mac": "11:22:33:44:55:66", "sandbox": "/run/netns/p"}], "ips": [{"interface": 1, "address": "10.77.1.5/24", "gateway": "10.77.1.1"}], "routes": [{"dst": "0.0.0.0/0"}], "dns": {}}
-BRIDGE_RESULT = {"cniVersion": "1.0.0", "interfaces": [{"name": "cni0", "mac": "aa:aa:aa:aa:aa:aa"}, {"name": "veth99", "mac": "bb:bb:bb:bb:bb:bb"}, {"name": "eth0", "mac": "cc:cc:cc:cc:cc:cc", "sandbox": "/run/netns/p"}], "ips": [{"interface": 2, "address": "10.77.1.6/24"}, {"interface": 2, "address": "fd00::6/64"}]}
-V031_RESULT = {"cniVersion": "0.3.1", "interfaces": [{"name": "veth1"}, {"name": "eth0", "sandbox": "/proc/1/ns/net"}], "ips": [{"version": "4", "interface": 1, "address": "10.77.1.7/24"}]}
+ENV = {
+    "CNI_COMMAND": "ADD",
+    "CNI_CONTAINERID": "c0ffee",
+    "CNI_NETNS": "/run/netns/p",
+    "CNI_IFNAME": "eth0",
+    "CNI_ARGS": "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=p",
+    "CNI_PATH": "/opt/cni/bin",
+}
+PTP_RESULT = {
+    "cniVersion": "1.0.0",
+    "interfaces": [
+        {"name": "veth1234", "mac": "aa:bb:cc:dd:ee:ff"},
+        {"name": "eth0", "mac": "11:22:33:44:55:66", "sandbox": "/run/netns/p"},
+    ],
+    "ips": [{"interface": 1, "address": "10.77.1.5/24", "gateway": "10.77.1.1"}],
+    "routes": [{"dst": "0.0.0.0/0"}],
+    "dns": {},
+}
+BRIDGE_RESULT = {
+    "cniVersion": "1.0.0",
+    "interfaces": [
+        {"name": "cni0", "mac": "aa:aa:aa:aa:aa:aa"},
+        {"name": "veth99", "mac": "bb:bb:bb:bb:bb:bb"},
+        {"name": "eth0", "mac": "cc:cc:cc:cc:cc:cc", "sandbox": "/run/netns/p"},
+    ],
+    "ips": [{"interface": 2, "address": "10.77.1.6/24"}, {"interface": 2, "address": "fd00::6/64"}],
+}
+V031_RESULT = {
+    "cniVersion": "0.3.1",
+    "interfaces": [{"name": "veth1"}, {"name": "eth0", "sandbox": "/proc/1/ns/net"}],
+    "ips": [{"version": "4", "interface": 1, "address": "10.77.1.7/24"}],
+}
 
 
 def conf(**extra: Any) -> bytes:
-    return json.dumps({"cniVersion": "1.1.0", "name": "pods", "type": "ztunnel-cni", **extra}).encode()
+    return json.dumps(
+        {"cniVersion": "1.1.0", "name": "pods", "type": "ztunnel-cni", **extra}
+    ).encode()
 
 
 def run(env: dict[str, str], stdin: bytes) -> tuple[int, Any]:
@@ -100,12 +130,18 @@ def test_oversized_stdin_is_refused() -> None:
     ("result", "host", "ips"),
     [
         (PTP_RESULT, "veth1234", ("10.77.1.5",)),
-        (BRIDGE_RESULT, "", ("10.77.1.6", "fd00::6")),  # two host-side interfaces: resolved by the agent
+        (
+            BRIDGE_RESULT,
+            "",
+            ("10.77.1.6", "fd00::6"),
+        ),  # two host-side interfaces: resolved by the agent
         (V031_RESULT, "veth1", ("10.77.1.7",)),
         ({"ips": [{"address": "10.0.0.9/32"}]}, "", ("10.0.0.9",)),
     ],
 )
-def test_attachment_from_prev_result(result: dict[str, Any], host: str, ips: tuple[str, ...]) -> None:
+def test_attachment_from_prev_result(
+    result: dict[str, Any], host: str, ips: tuple[str, ...]
+) -> None:
     a = attachment(result, "eth0")
     assert a.host_ifname == host and a.ips == ips and a.pod_ifname == "eth0"
 
@@ -127,7 +163,10 @@ def test_bad_prev_result_names_the_field(result: dict[str, Any], text: str) -> N
 
 def test_version_lists_what_is_supported() -> None:
     rc, out = run({"CNI_COMMAND": "VERSION"}, json.dumps({"cniVersion": "0.4.0"}).encode())
-    assert rc == 0 and out == {"cniVersion": "0.4.0", "supportedVersions": list(plugin.SUPPORTED_VERSIONS)}
+    assert rc == 0 and out == {
+        "cniVersion": "0.4.0",
+        "supportedVersions": list(plugin.SUPPORTED_VERSIONS),
+    }
     rc, out = run({"CNI_COMMAND": "VERSION"}, b"")
     assert rc == 0 and out["cniVersion"] == "1.1.0"
 
@@ -141,19 +180,37 @@ def test_gc_forgets_records_of_attachments_the_runtime_no_longer_has(tmp_path: A
     for name in ("keep-eth0.json", "stale-eth0.json"):
         (tmp_path / name).write_text("{}")
     valid = [{"containerID": "keep", "ifname": "eth0"}]
-    rc, _ = run({"CNI_COMMAND": "GC"}, conf(pod_record_dir=str(tmp_path), **{"cni.dev/valid-attachments": valid}))
+    rc, _ = run(
+        {"CNI_COMMAND": "GC"},
+        conf(pod_record_dir=str(tmp_path), **{"cni.dev/valid-attachments": valid}),
+    )
     assert rc == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["keep-eth0.json"]
 
 
 def test_pods_that_are_not_kubernetes_pods_pass_through_untouched(tmp_path: Any) -> None:
     env = {**ENV, "CNI_ARGS": "IgnoreUnknown=1"}
-    rc, out = run(env, conf(prevResult=PTP_RESULT, pod_record_dir=str(tmp_path), kubeconfig=str(tmp_path / "missing")))
+    rc, out = run(
+        env,
+        conf(
+            prevResult=PTP_RESULT,
+            pod_record_dir=str(tmp_path),
+            kubeconfig=str(tmp_path / "missing"),
+        ),
+    )
     assert rc == 0 and out == PTP_RESULT
 
 
 def test_excluded_namespace_never_reads_the_api(tmp_path: Any) -> None:
     env = {**ENV, "CNI_ARGS": "K8S_POD_NAMESPACE=istio-system;K8S_POD_NAME=ztunnel-abc"}
-    rc, out = run(env, conf(prevResult=PTP_RESULT, pod_record_dir=str(tmp_path), kubeconfig=str(tmp_path / "missing"), enrolment_socket=str(tmp_path / "none.sock")))
+    rc, out = run(
+        env,
+        conf(
+            prevResult=PTP_RESULT,
+            pod_record_dir=str(tmp_path),
+            kubeconfig=str(tmp_path / "missing"),
+            enrolment_socket=str(tmp_path / "none.sock"),
+        ),
+    )
     assert rc == 0 and out == PTP_RESULT
 
 
@@ -164,21 +221,64 @@ def test_excluded_namespace_never_reads_the_api(tmp_path: Any) -> None:
         ("{not json", "unusable"),
         ("apiVersion: v1\nkind: Config\n", "unusable"),
         (json.dumps({"clusters": [], "users": []}), "no cluster"),
-        (json.dumps({"clusters": [{"name": "c", "cluster": {"server": "http://x"}}], "users": [{"name": "u", "user": {"token": "t"}}]}), "https"),
-        (json.dumps({"clusters": [{"name": "c", "cluster": {"server": "https://x"}}], "users": [{"name": "u", "user": {}}]}), "no token"),
-        (json.dumps({"clusters": [{"name": "c", "cluster": {"server": "https://x", "certificate-authority-data": "bm90IGEgY2VydA=="}}], "users": [{"name": "u", "user": {"token": "t"}}]}), "unusable"),
+        (
+            json.dumps(
+                {
+                    "clusters": [{"name": "c", "cluster": {"server": "http://x"}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                }
+            ),
+            "https",
+        ),
+        (
+            json.dumps(
+                {
+                    "clusters": [{"name": "c", "cluster": {"server": "https://x"}}],
+                    "users": [{"name": "u", "user": {}}],
+                }
+            ),
+            "no token",
+        ),
+        (
+            json.dumps(
+                {
+                    "clusters": [
+                        {
+                            "name": "c",
+                            "cluster": {
+                                "server": "https://x",
+                                "certificate-authority-data": "bm90IGEgY2VydA==",
+                            },
+                        }
+                    ],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                }
+            ),
+            "unusable",
+        ),
     ],
 )
-def test_corrupt_kubeconfig_is_a_clear_config_error(tmp_path: Any, content: str | None, text: str) -> None:
+def test_corrupt_kubeconfig_is_a_clear_config_error(
+    tmp_path: Any, content: str | None, text: str
+) -> None:
     kc = tmp_path / "kubeconfig"
     if content is not None:
         kc.write_text(content)
-    rc, out = run(ENV, conf(prevResult=PTP_RESULT, kubeconfig=str(kc), pod_record_dir=str(tmp_path / "rec")))
-    assert rc == 1 and out["code"] == plugin.E_INVALID_CONFIG and text in out["msg"] and str(kc) in out["msg"]
+    rc, out = run(
+        ENV, conf(prevResult=PTP_RESULT, kubeconfig=str(kc), pod_record_dir=str(tmp_path / "rec"))
+    )
+    assert (
+        rc == 1
+        and out["code"] == plugin.E_INVALID_CONFIG
+        and text in out["msg"]
+        and str(kc) in out["msg"]
+    )
 
 
 def test_del_with_nothing_known_and_no_agent_succeeds(tmp_path: Any) -> None:
     env = {**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}
     for _ in range(2):
-        rc, out = run(env, conf(pod_record_dir=str(tmp_path), enrolment_socket=str(tmp_path / "none.sock")))
+        rc, out = run(
+            env, conf(pod_record_dir=str(tmp_path), enrolment_socket=str(tmp_path / "none.sock"))
+        )
         assert rc == 0 and out is None

@@ -12,7 +12,12 @@ AMB = {"istio.io/dataplane-mode": "ambient"}
 NONE = {"istio.io/dataplane-mode": "none"}
 
 
-def pod(ns: str = "shop", labels: dict[str, str] | None = None, ann: dict[str, str] | None = None, host: bool = False) -> PodFacts:
+def pod(
+    ns: str = "shop",
+    labels: dict[str, str] | None = None,
+    ann: dict[str, str] | None = None,
+    host: bool = False,
+) -> PodFacts:
     return PodFacts(ns, "p", labels or {}, ann or {}, host)
 
 
@@ -46,5 +51,10 @@ def test_configured_exclusions_replace_the_defaults() -> None:
 def test_pod_facts_from_a_malformed_object_are_empty_not_an_error() -> None:
     f = pod_facts({"metadata": "nonsense", "spec": {"hostNetwork": "yes"}})
     assert f == PodFacts("", "", {}, {}, False)
-    f = pod_facts({"metadata": {"namespace": "a", "name": "b", "labels": {"x": 1}}, "spec": {"hostNetwork": True}})
+    f = pod_facts(
+        {
+            "metadata": {"namespace": "a", "name": "b", "labels": {"x": 1}},
+            "spec": {"hostNetwork": True},
+        }
+    )
     assert f.labels == {"x": "1"} and f.host_network
