@@ -418,9 +418,7 @@ def _write_status(path: Path, ctl: NodeController) -> None:
     data = {
         "agent_available": ctl.agent_available,
         "converged": ctl.converged.is_set(),
-        "pods": {
-            k: vars(v) if hasattr(v, "__dict__") else v.__dict__ for k, v in ctl.status.items()
-        },
+        "pods": {k: dataclasses.asdict(v) for k, v in ctl.status.items()},
     }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, default=str))

@@ -143,7 +143,7 @@ class CniRuntime:
         seconds = time.perf_counter() - t0
         with self._lock:
             self.runs.append(
-                PluginRun(pod, conf["type"], env["CNI_COMMAND"], seconds, ok, out[:500])
+                PluginRun(pod, conf["type"], env["CNI_COMMAND"], seconds, ok, out[:500], err[-500:])
             )
         parsed: dict[str, Any] | None = None
         with contextlib.suppress(ValueError):

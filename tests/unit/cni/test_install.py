@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cni import install
-from cni.install import InstallError, Installer, InstallSettings
+from cni.install import Installer, InstallError, InstallSettings
 
 pytestmark = pytest.mark.unit
 
