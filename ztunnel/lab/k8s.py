@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -702,11 +703,8 @@ def up(nodes: int = 2, cni: str = "ptp", progress: runner.Progress = runner._qui
         for node in t.nodes:
             runner.wait_agent(t, node)
             # Readiness can come before the capture (BPF loader) is up: wait for enrolment.
-            if not topo.wait_until(
-                lambda node=node: _answers(runner.enrolment_socket(t, node)),
-                runner.AGENT_START_TIMEOUT,
-                0.1,
-            ):
+            sock = runner.enrolment_socket(t, node)
+            if not topo.wait_until(partial(_answers, sock), runner.AGENT_START_TIMEOUT, 0.1):
                 raise LabError(f"agent of {node.name} never served its enrolment socket")
         for node in t.nodes:
             nd = lab.node_dir(node)
