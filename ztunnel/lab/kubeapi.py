@@ -312,7 +312,7 @@ class Event:
 
 @dataclass
 class Fault:
-    """An injected failure: requests whose method and path match get `status` (or wait
+    """An injected failure: requests whose method and path (with its query) match get `status` (or wait
     `delay` seconds first, then proceed, when status is 0); `count` times (-1 = always)."""
 
     method: str
@@ -834,7 +834,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._body_discard()
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             api.requests += 1
-            api.apply_faults(method, path)
+            api.apply_faults(method, self.path)
             if path == "/_standin/faults" and method == "POST":
                 body = self._body()
                 api.inject(Fault(**body) if isinstance(body, dict) else Fault("*", "x^"))
