@@ -116,7 +116,10 @@ class Informer:
                 if need_list:
                     self._relist()
                     need_list = False
-                w = watch.Watch()  # type: ignore[no-untyped-call]
+                # return_type "object": events carry the JSON as sent, never the client's
+                # models (whose validation would reject fields the API may leave empty),
+                # and ERROR events (410 Gone) still become ApiException.
+                w = watch.Watch(return_type="object")  # type: ignore[no-untyped-call]
                 self._watch = w
                 for event in w.stream(  # type: ignore[no-untyped-call]
                     self._list,
@@ -176,7 +179,6 @@ class Informer:
 
     def _apply(self, event: Mapping[str, Any]) -> None:
         type_ = event.get("type")
-        # raw_object: the event's JSON as sent (the client's model is not used).
         obj = event.get("raw_object") or {}
         rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         if type_ == "BOOKMARK":

@@ -60,7 +60,7 @@ from ztunnel.capture.config import (
 )
 from ztunnel.capture.errors import CaptureError
 from ztunnel.capture.loader import run_loader
-from ztunnel.capture.netlink import Direction, Netlink
+from ztunnel.capture.netlink import Direction, Netlink, peer_ifindex_in
 from ztunnel.capture.objects import (
     POD_PROGRAM,
     UPLINK_PROGRAM,
@@ -203,16 +203,24 @@ class Capture:
     def attach_pod_interface(self, host_ifname: str) -> None:
         """Puts the pod program on the node side of a pod veth (every pod's, enrolled or not).
 
-        Idempotent: attaching again replaces our filter in place.
+        Idempotent: attaching again replaces our filter in place. When the veth is a port of
+        a Linux bridge (a `bridge` primary CNI), the program also goes on the bridge device:
+        a port's tc ingress runs before the bridge, and a socket assigned there does not
+        survive bridging, so routed traffic from the pods is captured where the bridge
+        passes it up to the node (its ingress). Frames the bridge forwards between two
+        ports of the same node at layer 2 never reach the node's stack: see the README.
         """
         self._attach(host_ifname, POD_PROGRAM)
         self._pod_ifnames.add(host_ifname)
+        bridge = self._netlink.bridge_of(host_ifname)
+        if bridge is not None:
+            self._attach(bridge, POD_PROGRAM)
+            self._pod_ifnames.add(bridge)
 
     def host_ifname_of(self, pod_netns: str, pod_ifname: str) -> str:
         """The node-side name of a pod's veth: the peer of `pod_ifname` inside `pod_netns`
         (a path such as CNI_NETNS), looked up by ifindex in this node's namespace."""
-        with Netlink(pod_netns) as pod_side:
-            peer = pod_side.peer_ifindex(pod_ifname)
+        peer = peer_ifindex_in(pod_netns, pod_ifname)
         if peer is None:
             raise CaptureError(f"{pod_ifname} in {pod_netns} is not a veth (no peer)")
         name = self._netlink.ifnames().get(peer)
