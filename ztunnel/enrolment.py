@@ -226,14 +226,6 @@ class EnrolmentService:
                     self._executor, self.backend.resolve_host_ifname, req
                 )
                 req = dataclasses.replace(req, ifname=ifname)
-            for other in self._holders_of(req):
-                # Same IP under another name: that pod is gone and its IP was reused.
-                log.info("enrolment: %s replaces %s (same IP)", req.key, other)
-                stale = self._stored(other, self.pods[other])
-                await call(self.backend.unenrol, stale)
-                if stale.ifname != req.ifname:
-                    await call(self.backend.detach_pod, stale)
-                del self.pods[other]
             enrolled = req.enrol or req.op == "enrol"
             try:
                 await call(self.backend.attach_pod, req)
@@ -245,6 +237,17 @@ class EnrolmentService:
                 # Nothing half-enrolled: undo what this request may have done.
                 await self._undo(req, known)
                 raise
+            for other in self._holders_of(req):
+                # Same IP under another name: that pod is gone and its IP was reused.
+                log.info("enrolment: %s replaces %s (same IP)", req.key, other)
+                stale = self._stored(other, self.pods.pop(other))
+                keep = set(req.ips) if enrolled else set()
+                await call(
+                    self.backend.unenrol,
+                    dataclasses.replace(stale, ips=tuple(i for i in stale.ips if i not in keep)),
+                )
+                if stale.ifname != req.ifname:
+                    await call(self.backend.detach_pod, stale)
             self.pods[req.key] = {
                 "ifname": req.ifname,
                 "ips": [str(i) for i in req.ips],
@@ -271,8 +274,16 @@ class EnrolmentService:
 
     async def _undo(self, req: PodRequest, known: dict[str, Any] | None) -> None:
         loop = asyncio.get_running_loop()
+        # Addresses another record holds enrolled stay enrolled (that pod is not ours to undo).
+        held = {
+            ip
+            for k, rec in self.pods.items()
+            if k != req.key and rec.get("enrolled")
+            for ip in rec.get("ips", [])
+        }
+        mine = dataclasses.replace(req, ips=tuple(i for i in req.ips if str(i) not in held))
         try:
-            await loop.run_in_executor(self._executor, self.backend.unenrol, req)
+            await loop.run_in_executor(self._executor, self.backend.unenrol, mine)
             if known is None:
                 await loop.run_in_executor(self._executor, self.backend.detach_pod, req)
                 self.pods.pop(req.key, None)
