@@ -323,6 +323,9 @@ class NodeController:
         for k in list(self._missing):
             if k in pods or k not in agent:
                 del self._missing[k]
+        for k in list(self._deleted):
+            if k not in agent:  # nothing left to remove: forget it (bounded memory)
+                self._deleted.pop(k, None)
         gone = set()
         for k in set(agent) - set(pods):
             first = self._missing.setdefault(k, now)
