@@ -269,7 +269,9 @@ def build_plugin(target: Path, interpreter: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".ztunnel-cni-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(f"#!{interpreter}\n".encode())
+            # -I: the runtime's environment (PYTHONPATH, user site) cannot inject code into a
+            # plugin that runs as root; -S: no site-packages, the plugin needs only the stdlib.
+            f.write(f"#!{interpreter} -IS\n".encode())
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
                 for name in ("__init__.py", "selection.py", "plugin.py"):
                     z.write(src / name, f"cni/{name}")

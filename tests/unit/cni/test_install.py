@@ -151,7 +151,7 @@ def test_installer_keeps_itself_chained_and_leaves_only_when_the_daemonset_goes(
     try:
         assert _wait(lambda: "ztunnel-cni" in primary.read_text())
         plugin_bin = s.cni_bin_dir / "ztunnel-cni"
-        assert plugin_bin.read_bytes().startswith(b"#!/usr/bin/python3\n") and os.access(
+        assert plugin_bin.read_bytes().startswith(b"#!/usr/bin/python3 -IS\n") and os.access(
             plugin_bin, os.X_OK
         )
         kc = json.loads((s.cni_conf_dir / "ztunnel-cni-kubeconfig").read_text())
