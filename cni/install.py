@@ -471,10 +471,12 @@ def daemonset_deleted_check(
             else:
                 config.load_incluster_config()  # type: ignore[no-untyped-call]
                 api_client = client.ApiClient()
-            ds = client.AppsV1Api(api_client).read_namespaced_daemon_set(
-                name, namespace, _request_timeout=5
+            resp: Any = client.AppsV1Api(api_client).read_namespaced_daemon_set(
+                name, namespace, _request_timeout=5, _preload_content=False
             )
-            return ds.metadata is not None and ds.metadata.deletion_timestamp is not None
+            # Raw JSON: the client's models would reject objects it does not fully expect.
+            meta = json.loads(resp.data).get("metadata") or {}
+            return bool(meta.get("deletionTimestamp"))
         except ApiException as e:
             return bool(e.status == 404)
         except Exception as e:  # the API is away: keep the chain (fail closed)
