@@ -16,6 +16,7 @@ pkgs=(
   stunnel4 iperf3 tcpdump nftables                         # benchmark peers, captures, tproxy
   nodejs                                                   # HTTP/2 interop peer (nghttp2)
   containernetworking-plugins                              # real CNI plugins (bridge, ptp, host-local) for the Kubernetes lab
+  nginx-light haproxy nghttp2-client curl                  # waypoint: L7 benchmark peers, HTTP clients
 )
 pkgs_norec=()
 APT_LOCK=(-o DPkg::Lock::Timeout=600)

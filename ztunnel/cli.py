@@ -97,18 +97,23 @@ def _lab(args: argparse.Namespace) -> int:
 
     try:
         if args.lab_command == "up":
-            t = runner.up(args.nodes, args.pods, lambda m: print(f"  .. {m}", flush=True))
+            t = runner.up(
+                args.nodes, args.pods, lambda m: print(f"  .. {m}", flush=True), args.istiod
+            )
             print(
                 f"lab {t.lab_id} is up; `ztunnel lab status` shows it, `ztunnel lab down` "
                 "removes it"
             )
             return 0
-        if args.lab_command == "demo" and not args.static:
-            from ztunnel.lab import k8sdemo
-
-            return k8sdemo.main(args.nodes, args.pods, args.cni)
         if args.lab_command == "demo":
-            return demo.main(args.nodes, args.pods, args.keep)
+            rc = 0
+            if args.mode in ("all", "k8s"):  # the Kubernetes story (ztunnel.lab.k8sdemo)
+                from ztunnel.lab import k8sdemo
+
+                rc |= k8sdemo.main(args.nodes, args.pods, args.cni)
+            if args.mode in ("all", "static"):
+                rc |= demo.main(args.nodes, args.pods, args.keep, args.istiod)
+            return rc
         if args.lab_command == "status":
             return runner.print_status()
         if args.lab_command == "down":
@@ -168,13 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pods", type=int, default=3, help="pods per node")
         if name == "demo":
             p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
-            # The Kubernetes mode (ztunnel.lab.k8sdemo) is the default demo.
             p.add_argument(
-                "--static",
-                action="store_true",
-                help="without Kubernetes: mesh file and enrolment written by the lab",
+                "--mode",
+                choices=["all", "k8s", "static"],
+                default="all",
+                help="k8s: the Kubernetes story (API server stand-in, CNI, enrolment by label); "
+                "static: the lab with the mesh file and the waypoint; all: both (default)",
             )
-            p.add_argument("--cni", choices=["ptp", "bridge"], default="ptp", help="primary CNI")
+            p.add_argument(
+                "--cni", choices=["ptp", "bridge"], default="ptp", help="primary CNI (k8s mode)"
+            )
+        p.add_argument(
+            "--istiod",
+            action="store_true",
+            help="agents take mesh state and certificates from a test istiod (delta xDS + CA) "
+            "running in the lab network, instead of the file",
+        )
     lab_sub.add_parser("status", help="labs, agents, enrolled pods, connections")
     down = lab_sub.add_parser("down", help="remove labs (all, also leftovers of killed runs)")
     down.add_argument("--lab", default=None, help="only this lab id")
@@ -183,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ztunnel.bench import command as bench_command
 
     bench_command.add_parser(sub)
+    # `ztunnel waypoint run`: the L7 proxy (waypoint package), registered by its own module.
+    from waypoint import cli as waypoint_cli
+
+    waypoint_cli.add_parser(sub)
     return parser
 
 

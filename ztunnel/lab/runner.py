@@ -27,6 +27,7 @@ import yaml
 
 from ztunnel.ca import CertificateAuthority
 from ztunnel.enrolment import EnrolmentError, request
+from ztunnel.lab import istiod_lab
 from ztunnel.lab import topology as topo
 from ztunnel.lab.topology import LabError, NodeSpec, PodSpec, Topology
 
@@ -127,10 +128,11 @@ def agent_argv(t: Topology, node: NodeSpec) -> list[str]:
         node.uplink_ifname,
         "--bpf-pin-dir",
         str(node.pin_dir),
-        "--local-xds",
-        str(d / "mesh.yaml"),
-        "--ca-dir",
-        str(d / "ca"),
+        # Mesh state and certificates: the file and the local CA, or the test istiod.
+        *(
+            istiod_lab.agent_args(t, node)
+            or ["--local-xds", str(d / "mesh.yaml"), "--ca-dir", str(d / "ca")]
+        ),
         "--enrolment-socket",
         str(nd / "ztunnel.sock"),
         "--state-dir",
@@ -295,7 +297,9 @@ def set_enrolled(t: Topology, pod: PodSpec, enrolled: bool) -> None:
         )
 
 
-def up(nodes: int = 2, pods: int = 3, progress: Progress = _quiet) -> Topology:
+def up(
+    nodes: int = 2, pods: int = 3, progress: Progress = _quiet, istiod: bool = False
+) -> Topology:
     if nodes < 1 or pods < 1:
         raise LabError("a lab needs at least one node and one pod per node")
     progress(f"creating {nodes} nodes x {pods} pods (network namespaces, veths, bridge)")
@@ -305,6 +309,9 @@ def up(nodes: int = 2, pods: int = 3, progress: Progress = _quiet) -> Topology:
         d.mkdir(parents=True, exist_ok=True)
         CertificateAuthority.create("cluster.local").save(d / "ca")
         (d / "mesh.yaml").write_text(yaml.safe_dump(mesh_state(t), sort_keys=False))
+        if istiod:
+            progress("starting the test istiod in the lab network (xDS + CA on :15012)")
+            istiod_lab.start(t)
         progress("starting applications in pods")
         for pod in t.pods():
             start_apps(t, pod)
