@@ -73,12 +73,17 @@ class AgentHandle:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             self.service = EnrolmentService(self.capture, self.socket_path, self.state)
             loop.run_until_complete(self.service.start())
             started.set()
             loop.run_forever()
-            loop.run_until_complete(self.service.close())
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending, timeout=5))
             loop.close()
 
         self._thread = threading.Thread(target=run, name="fake agent", daemon=True)
@@ -87,6 +92,8 @@ class AgentHandle:
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None:
+            assert self.service is not None
+            asyncio.run_coroutine_threadsafe(self.service.close(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._loop = None
