@@ -11,7 +11,9 @@ Where things are, bottom to top:
 - istiod: `xds` (delta xDS: proto conversion and the ADS state machine without I/O, the grpcio
   client, generated protobuf code in `xds.gen`).
 - I/O: `hbone.connection`/`hbone.pool`/`hbone.server` (HBONE over asyncio), `proxy.*`
-  (outbound, inbound, SOCKS5, relay), `capture` (eBPF via bcc + pyroute2).
+  (outbound, inbound, SOCKS5, relay), `capture` (eBPF via bcc + pyroute2), `kernel_capture`
+  (the agent's side of it: enrolment API, periodic hook checks), `capture_report` (what the
+  checks found: metrics, readiness, `ctl capture`).
 - composition root and commands: `app` (the Agent), `cli`, `demo`, `lab`.
 """
 

@@ -90,6 +90,10 @@ def test_bridge_host_local_chain_ambient_pods_captured_others_untouched(
         assert res["ok"], res
         assert res["server_saw"].split(":")[0] == ip["a"]  # the app sees the real client
         assert runner.call_from(t.pod("c").netns, ip["d"], 8080, clear)["ok"]
+        # Same node, bridged at layer 2 (never through the node's stack): not captured, but the
+        # egress guard drops an enrolled pod's forwarded SYN, so it never leaves in plaintext.
+        same = runner.call_from(t.pod("a").netns, ip["c"], 8080, secret, timeout=1.5)
+        assert not same["ok"], same
         # Not ambient -> ambient, across nodes: captured on the destination's uplink.
         res = runner.call_from(t.pod("c").netns, ip["b"], 8080, "from-legacy")
         assert res["ok"] and res["server_saw"].split(":")[0] == ip["c"], res
