@@ -29,6 +29,8 @@ class RecordingCapture:
         self.enrolled: set[str] = set()
         self.fail_on: str | None = None
         self.delay = 0.0
+        # Per-pod capture health, as the kernel capture reports it (`capture` in answers).
+        self.health: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, str]] = []
 
     def _check(self, what: str, req: PodRequest) -> None:
@@ -76,6 +78,9 @@ class AgentHandle:
             asyncio.set_event_loop(loop)
             self._loop = loop
             self.service = EnrolmentService(self.capture, self.socket_path, self.state)
+            self.service.pod_status = lambda key, rec: self.capture.health.get(
+                key, {"ok": True, "detail": ""}
+            )
             loop.run_until_complete(self.service.start())
             started.set()
             loop.run_forever()
@@ -99,6 +104,7 @@ class AgentHandle:
             self._loop = None
 
     def pods(self) -> dict[str, Any]:
+        """The stored records (what `list` answers, without the capture member)."""
         assert self.service is not None
         return json.loads(json.dumps(self.service.pods))
 

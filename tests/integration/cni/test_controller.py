@@ -160,14 +160,10 @@ def test_capture_health_from_the_agent_controls_the_annotation(
     cni_add(agent, "shop", "a", "10.1.1.2", p["metadata"]["uid"])
     make_controller()
     assert wait_until(lambda: annotation(kubeapi, "shop", "a") == "enabled")
-    assert agent.service is not None
-    agent.service.pods["shop/a"]["capture"] = {
-        "ok": False,
-        "detail": "tc filter removed by someone",
-    }
+    agent.capture.health["shop/a"] = {"ok": False, "detail": "a program ahead of ours"}
     assert wait_until(lambda: annotation(kubeapi, "shop", "a") is None)
     assert enrolled(agent, "shop/a")
-    agent.service.pods["shop/a"]["capture"] = {"ok": True, "detail": ""}
+    agent.capture.health["shop/a"] = {"ok": True, "detail": ""}
     assert wait_until(lambda: annotation(kubeapi, "shop", "a") == "enabled")
 
 
