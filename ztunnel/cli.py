@@ -107,7 +107,14 @@ def _lab(args: argparse.Namespace) -> int:
             )
             return 0
         if args.lab_command == "demo":
-            return demo.main(args.nodes, args.pods, args.keep, args.istiod)
+            rc = 0
+            if args.mode in ("all", "k8s"):  # the Kubernetes story (ztunnel.lab.k8sdemo)
+                from ztunnel.lab import k8sdemo
+
+                rc |= k8sdemo.main(args.nodes, args.pods, args.cni)
+            if args.mode in ("all", "static"):
+                rc |= demo.main(args.nodes, args.pods, args.keep, args.istiod)
+            return rc
         if args.lab_command == "status":
             return runner.print_status()
         if args.lab_command == "down":
@@ -171,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pods", type=int, default=3, help="pods per node")
         if name == "demo":
             p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+            p.add_argument(
+                "--mode",
+                choices=["all", "k8s", "static"],
+                default="all",
+                help="k8s: the Kubernetes story (API server stand-in, CNI, enrolment by label); "
+                "static: the lab with the mesh file and the waypoint; all: both (default)",
+            )
+            p.add_argument(
+                "--cni", choices=["ptp", "bridge"], default="ptp", help="primary CNI (k8s mode)"
+            )
         p.add_argument(
             "--istiod",
             action="store_true",
