@@ -148,6 +148,10 @@ class Agent:
                 self.store.record_error(str(e))
                 log.error("mesh state reload failed, keeping the previous state: %s", e)
                 continue
+            except Exception as e:  # a parser bug must not end reloads for good
+                self.store.record_error(f"{path}: {type(e).__name__}: {e}")
+                log.exception("mesh state reload failed, keeping the previous state")
+                continue
             self._replace_state(state)
             log.info(
                 "mesh state reloaded from %s: %d workloads, %d services, %d policies",
