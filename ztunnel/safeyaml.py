@@ -32,16 +32,17 @@ class _BoundedLoader(yaml.SafeLoader):
         self._source = source
         self._depth = 0
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
                 raise ConfigError(
                     self._source,
-                    _where(self.peek_event().start_mark),
+                    _where(event.start_mark),
                     f"nested more than {MAX_DEPTH} levels deep",
                 )
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
