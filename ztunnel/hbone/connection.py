@@ -26,9 +26,12 @@ log = logging.getLogger(__name__)
 
 WRITE_HIGH_WATER = 1024 * 1024
 KEEPALIVE_TICK = 2.0
-# After we close, how long a peer gets to read our last frames (GOAWAY) before the socket is
-# aborted: a peer that stops reading must not hold the connection (and its buffers) forever.
+# A failed connection: how long the peer gets to read our GOAWAY before the socket is aborted.
 CLOSE_GRACE = 2.0
+# A graceful close waits for what is queued to be written, polling; a peer that reads none of
+# it for DRAIN_STALL is aborted (as the event loops' own SSL shutdown timeout would).
+FLUSH_POLL = 0.05
+DRAIN_STALL = 30.0
 
 StreamHandler = Callable[["HboneStream", p.ConnectRequested], Awaitable[None]]
 
@@ -193,6 +196,12 @@ class HboneStream:
         return True
 
     def _on_data(self, data: bytes, flow: int) -> None:
+        if not data:
+            # An empty DATA frame (RFC 9113 section 6.1) is not the end of the stream, which
+            # is what b"" means to a reader; only its padding, if any, is window to return.
+            if flow:
+                self._conn.consumed(self.stream_id, flow)
+            return
         self.bytes_received += len(data)
         if self._sink is not None and not self._recv and self._sink(data):
             self._conn.consumed(self.stream_id, flow)
@@ -463,18 +472,50 @@ class HboneConnection(asyncio.Protocol):
         draining = self._proto.goaway_sent or self._proto.goaway_received
         if draining and not self.streams and self.transport is not None:
             self._flush()
-            self._close_transport()
+            self._close_when_flushed()
 
-    def _close_transport(self) -> None:
-        """Close after what is queued has been written, but abort if the peer does not read
-        it within CLOSE_GRACE."""
+    def _close_when_flushed(self) -> None:
+        """Graceful close: once everything queued above the socket layer has gone down
+        (closing asyncio's SSL transport while it holds data drops that data), then close;
+        the event loop's SSL shutdown timeout (30 s) bounds the rest. A peer that reads
+        nothing at all for DRAIN_STALL is aborted."""
+        transport = self.transport
+        if transport is None or self._lost or self._close_timer is not None:
+            return
+        self._wait_flushed(transport.get_write_buffer_size(), self.loop.time())
+
+    def _wait_flushed(self, last: int, progress_at: float) -> None:
+        self._close_timer = None
         transport = self.transport
         if transport is None or self._lost:
             return
+        buffered = transport.get_write_buffer_size()
+        if not buffered:
+            if not transport.is_closing():
+                transport.close()
+            return
+        now = self.loop.time()
+        if buffered < last:
+            progress_at = now
+        elif now - progress_at >= DRAIN_STALL:
+            transport.abort()
+            return
+        self._close_timer = self.loop.call_later(
+            FLUSH_POLL, self._wait_flushed, buffered, progress_at
+        )
+
+    def _close_transport(self) -> None:
+        """The connection failed or was refused: close now, abort if the peer has not taken
+        our last frames (GOAWAY) within CLOSE_GRACE; a broken or abusive peer is owed no
+        more, and must not hold the socket and its buffers."""
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         if not transport.is_closing():
             transport.close()
-        if self._close_timer is None:
-            self._close_timer = self.loop.call_later(CLOSE_GRACE, self._close_overdue)
+        self._close_timer = self.loop.call_later(CLOSE_GRACE, self._close_overdue)
 
     def _close_overdue(self) -> None:
         self._close_timer = None
