@@ -218,3 +218,27 @@ async def test_ca_unavailable_later_keeps_serving_until_expiry_then_recovers(
     await async_wait_for(lambda: not readiness_pending(b), 20)
     assert (await readiness(b))[0] == 200
     assert await echo_once(mesh) == b"ping"
+
+
+# ---- the mesh source goes away ----------------------------------------------------------------
+
+
+async def test_mesh_file_unavailable_later_keeps_the_last_state_then_recovers(
+    mesh: Mesh,
+) -> None:
+    """The mesh-state file disappears (a ConfigMap being replaced, a bad deploy): the agents
+    keep serving the last state they loaded (as Istio's ztunnel does when istiod goes away),
+    say why in the config dump, and pick the file up again when it is back."""
+    good = mesh.mesh_file.read_text()
+    mesh.mesh_file.unlink()
+    await async_wait_for(
+        lambda: all(
+            ag.store.last_error and "no such file" in ag.store.last_error for ag in (mesh.a, mesh.b)
+        ),
+        10,
+    )
+    assert await echo_once(mesh) == b"ping"
+    assert not readiness_pending(mesh.a) and not readiness_pending(mesh.b)
+    mesh.mesh_file.write_text(good)
+    await async_wait_for(lambda: mesh.a.store.last_error is None, 10)
+    assert await echo_once(mesh) == b"ping"
