@@ -34,10 +34,10 @@ from ztunnel.state import MeshState
 
 pytestmark = pytest.mark.unit
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # Structured documents cost hypothesis far more to generate than the parser to read.
 FUZZ_DOCS = settings(
-    max_examples=120,
+    max_examples=80,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

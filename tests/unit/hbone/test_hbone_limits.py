@@ -266,7 +266,7 @@ frames = st.builds(
     st.sampled_from([b"", bytes(4), bytes(5), bytes(6), bytes(8), CONNECT_1[9:]])
     | st.binary(max_size=64),
 )
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EVENT_TYPES = (
     p.ConnectRequested,
     p.ConnectRefused,
