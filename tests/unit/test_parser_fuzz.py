@@ -51,9 +51,15 @@ def max_rss_mb() -> float:
 
 
 def alias_bomb(levels: int, where: str) -> str:
+    """A mesh file whose aliases expand 9^levels-fold, placed where the parser walks the
+    value: a list it turns into strings, or a port it names in an error message."""
     items = ["&a0 [x, x, x, x, x, x, x, x, x]"]
     items += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
-    return f"workloads:\n- name: w\n  workloadIps: ['10.0.0.1']\n  {where}: [{', '.join(items)}]\n"
+    bomb = f"[{', '.join(items)}]"
+    head = "workloads:\n- name: w\n  workloadIps: ['10.0.0.1']\n"
+    if where == "authorizationPolicies":
+        return head + f"  authorizationPolicies: {bomb}\n"
+    return head + f"  services: {{shop/echo.shop.svc.cluster.local: {{80: {bomb}}}}}\n"
 
 
 def mesh_file(tmp_path: Path, text: str) -> Path:
@@ -63,7 +69,7 @@ def mesh_file(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("where", ["authorizationPolicies", "labels", "services"])
+@pytest.mark.parametrize("where", ["authorizationPolicies", "port"])
 def test_a_yaml_alias_bomb_is_rejected_at_once(tmp_path: Path, where: str) -> None:
     # 9^9 = 387 million nodes once expanded, from 0.4 KB written.
     f = mesh_file(tmp_path, alias_bomb(9, where))
