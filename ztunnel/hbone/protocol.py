@@ -20,7 +20,6 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hyperframe.frame
-from h2.frame_buffer import FrameBuffer
 
 from ztunnel.errors import HboneError
 from ztunnel.hbone import limits as lim
@@ -151,23 +150,6 @@ def _short_hex(data: bytes | None) -> str:
 # hyperframe hex-encodes a whole DATA frame (up to 1 MiB) to show 10 bytes of it: measured at
 # 32-49% of a receiving agent's CPU in bulk transfers. Same output, constant cost.
 hyperframe.frame._raw_data_repr = _short_hex
-
-
-class _BoundedFrameBuffer(FrameBuffer):
-    """h2's frame buffer joins a HEADERS frame and up to 64 CONTINUATION frames (of up to
-    MAX_FRAME_SIZE each) before anything decodes them: 64 MiB held for one header block. This
-    one stops at the header-list limit instead (an encoded block is never larger than the
-    list it decodes to, RFC 7541 section 4.1, save for padding and no-op instructions)."""
-
-    def __init__(self, server: bool, budget: lim.FrameBudget) -> None:
-        super().__init__(server=server)
-        self._budget = budget
-
-    def _update_header_buffer(self, f: Any) -> Any:
-        out = super()._update_header_buffer(f)
-        if self._headers_buffer:
-            self._budget.header_block(sum(len(x.data) for x in self._headers_buffer))
-        return out
 
 
 class _GracefulH2Connection(h2.connection.H2Connection):
@@ -307,7 +289,6 @@ class HboneProtocol:
         )
         self._h2 = _GracefulH2Connection(cfg)
         self._budget = self._h2.budget = lim.FrameBudget(limits, now)
-        self._h2.incoming_buffer = _BoundedFrameBuffer(not client, self._budget)
         # Our MAX_HEADER_LIST_SIZE binds the HPACK decoder at once, not when the peer ACKs it.
         self._h2.decoder.max_header_list_size = limits.max_header_list_size
         # Server: ConnectRequested events of the current read, by stream id, so that a reset
@@ -362,6 +343,12 @@ class HboneProtocol:
         try:
             for ev in self._h2.receive_data(data):
                 self._translate(ev, out)
+            # h2 holds a HEADERS frame and up to 64 CONTINUATIONs (of up to MAX_FRAME_SIZE
+            # each) before anything decodes them: bound a block still open after this read
+            # (a complete one is checked in _receive_headers_frame). Checked per read, not
+            # per frame: the data path pays one attribute test.
+            if pending := self._h2.incoming_buffer._headers_buffer:
+                self._budget.header_block(sum(len(f.data) for f in pending))
         except lim.H2AbuseError as e:
             return [self._fail(ErrorCode.ENHANCE_YOUR_CALM, str(e), e.kind)]
         except h2.exceptions.DenialOfServiceError as e:
