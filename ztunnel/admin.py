@@ -24,18 +24,20 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from ztunnel import logs
+from ztunnel.capture_report import CaptureSnapshot
+from ztunnel.capture_report import readiness as capture_readiness
 from ztunnel.certs import CertificateManager
 from ztunnel.config import Settings
 from ztunnel.errors import ConfigError, ZtunnelError
 from ztunnel.identity import SpiffeId
-from ztunnel.model import Workload
+from ztunnel.model import TunnelProtocol, Workload
 from ztunnel.proxy.records import ConnectionRecord, ConnectionTracker
 from ztunnel.state import WorkloadStore
 from ztunnel.telemetry import agent_version
@@ -349,8 +351,19 @@ class ListenerView(Protocol):
     def address(self) -> tuple[str, int]: ...
 
 
+class ControlPlaneView(Protocol):
+    """istiod as the endpoints see it (ztunnel.xds.control.ControlPlane)."""
+
+    def pending(self) -> list[str]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class AgentView(Protocol):
     """The parts of the Agent (ztunnel.app) that the endpoints read or trigger."""
+
+    @property
+    def istiod(self) -> ControlPlaneView | None: ...
 
     @property
     def settings(self) -> Settings: ...
@@ -377,6 +390,23 @@ class AgentView(Protocol):
     def explain_authorization(
         self, source: str, target: str, source_ip: str | None
     ) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class CaptureView(Protocol):
+    """An agent with eBPF capture (ztunnel.app.Agent) also reports what it found on its hooks."""
+
+    def capture_snapshot(self) -> CaptureSnapshot | None: ...
+
+
+def capture_snapshot(agent: object) -> CaptureSnapshot | None:
+    return agent.capture_snapshot() if isinstance(agent, CaptureView) else None
+
+
+def readiness_warnings(agent: AgentView) -> list[str]:
+    """What a ready agent still wants people to know (pods whose capture is refused)."""
+    snap = capture_snapshot(agent)
+    return capture_readiness(snap)[1] if snap is not None else []
 
 
 def jsonable(value: object) -> Any:
@@ -446,9 +476,14 @@ def readiness_pending(agent: AgentView) -> list[str]:
     out: list[str] = []
     if not agent.store.loaded:
         out.append("mesh state: not loaded yet")
+    if agent.istiod is not None:
+        out.extend(agent.istiod.pending())
     errors = {c["identity"]: c.get("last_error") for c in agent.certs.snapshot()}
+    # Certificates of the local workloads that speak HBONE (the ones that need one).
     identities = {
-        wl.identity for wl in agent.store.current.local_workloads(agent.settings.node_name)
+        wl.identity
+        for wl in agent.store.current.local_workloads(agent.settings.node_name)
+        if wl.protocol is TunnelProtocol.HBONE
     }
     for ident in sorted(identities):
         if agent.certs.cached(ident) is None:
@@ -459,6 +494,9 @@ def readiness_pending(agent: AgentView) -> list[str]:
             )
     for kind, ip in sorted(agent.wanted_listeners() - set(agent.listeners)):
         out.append(f"listener: {kind} on {ip} not up")
+    snap = capture_snapshot(agent)
+    if snap is not None:
+        out += capture_readiness(snap)[0]
     return out
 
 
@@ -468,22 +506,25 @@ def config_dump(agent: AgentView) -> dict[str, Any]:
     now = time.monotonic()
     live = sorted(agent.tracker.live.values(), key=lambda r: r.id)
     pending = readiness_pending(agent)
+    snap = capture_snapshot(agent)
     return {
         "node": s.node_name,
         "version": agent_version(),
         "trust_domain": s.trust_domain,
         "cluster_id": s.cluster_id,
         "mesh_state": {
-            "source": s.local_xds_path,
+            "source": s.local_xds_path or f"istiod {s.xds_address}",
             "loaded": agent.store.loaded,
             "last_error": agent.store.last_error,
         },
         "readiness": {"ready": not pending, "pending": pending},
         "draining": agent.draining,
+        "capture": snap.to_json() if snap is not None else None,
         "workloads": [workload_json(w, s.node_name) for w in state.workloads],
         "services": [jsonable(svc) for svc in state.services],
         "policies": [jsonable(p) for p in state.policies],
         "certificates": agent.certs.snapshot(),
+        "istiod": agent.istiod.status() if agent.istiod is not None else None,
         "listeners": [
             {"kind": lst.kind, "address": _hostport(*lst.address)}
             for _, lst in sorted(agent.listeners.items())
@@ -509,7 +550,7 @@ def admin_routes(agent: AgentView) -> dict[str, Route]:
             200,
             "ztunnel admin\n"
             "  GET  /config_dump      workloads, services, policies, certificates, "
-            "listeners, connections\n"
+            "istiod (xDS, CA), listeners, connections\n"
             "  GET  /logging          the log level; POST /logging?level=LEVEL "
             "changes it\n"
             "  GET  /authz/check?from=X&to=IP:PORT   explain an authorization decision\n"
@@ -565,7 +606,9 @@ def stats_routes(registry: CollectorRegistry) -> dict[str, Route]:
 def readiness_routes(agent: AgentView) -> dict[str, Route]:
     def ready(_req: Request) -> Response:
         pending = readiness_pending(agent)
-        return text(500, "\n".join(pending)) if pending else text(200, "ready")
+        if pending:
+            return text(500, "\n".join(pending))
+        return text(200, "\n".join(["ready", *readiness_warnings(agent)]))
 
     return {"/healthz/ready": Route(ready)}
 

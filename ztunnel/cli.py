@@ -97,14 +97,16 @@ def _lab(args: argparse.Namespace) -> int:
 
     try:
         if args.lab_command == "up":
-            t = runner.up(args.nodes, args.pods, lambda m: print(f"  .. {m}", flush=True))
+            t = runner.up(
+                args.nodes, args.pods, lambda m: print(f"  .. {m}", flush=True), args.istiod
+            )
             print(
                 f"lab {t.lab_id} is up; `ztunnel lab status` shows it, `ztunnel lab down` "
                 "removes it"
             )
             return 0
         if args.lab_command == "demo":
-            return demo.main(args.nodes, args.pods, args.keep)
+            return demo.main(args.nodes, args.pods, args.keep, args.istiod)
         if args.lab_command == "status":
             return runner.print_status()
         if args.lab_command == "down":
@@ -164,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pods", type=int, default=3, help="pods per node")
         if name == "demo":
             p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+        p.add_argument(
+            "--istiod",
+            action="store_true",
+            help="agents take mesh state and certificates from a test istiod (delta xDS + CA) "
+            "running in the lab network, instead of the file",
+        )
     lab_sub.add_parser("status", help="labs, agents, enrolled pods, connections")
     down = lab_sub.add_parser("down", help="remove labs (all, also leftovers of killed runs)")
     down.add_argument("--lab", default=None, help="only this lab id")
@@ -172,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ztunnel.bench import command as bench_command
 
     bench_command.add_parser(sub)
+    # `ztunnel waypoint run`: the L7 proxy (waypoint package), registered by its own module.
+    from waypoint import cli as waypoint_cli
+
+    waypoint_cli.add_parser(sub)
     return parser
 
 

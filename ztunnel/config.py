@@ -23,6 +23,16 @@ class Settings:
     xds_address: str = ""
     ca_address: str = ""
     ca_dir: str = ""
+    # istiod and its CA (ztunnel.xds.config reads these; names and defaults as Istio's ztunnel)
+    xds_root_ca: str = "./var/run/secrets/istio/root-cert.pem"
+    ca_root_ca: str = "./var/run/secrets/istio/root-cert.pem"
+    auth_token: str = ""
+    alt_xds_hostname: str = ""
+    alt_ca_hostname: str = ""
+    secret_ttl: str = "24h"
+    pod_name: str = ""
+    pod_namespace: str = ""
+    instance_ip: str = ""
     capture: str = "none"  # none | ebpf | tproxy
     outbound_port: int = 15001
     inbound_plaintext_port: int = 15006
@@ -50,6 +60,10 @@ class Settings:
     fail_open: bool = False
     enrolment_socket: str = "/var/run/ztunnel/ztunnel.sock"
     state_dir: str = "/var/run/ztunnel"
+    capture_attach: str = "auto"  # auto | tcx | cls_bpf
+    capture_allow_ahead: str = ""  # program names accepted ahead of ours, or "*"
+    capture_check_interval: float = 1.0
+    capture_tc_priority: int = 1
     # Limits and protections (ztunnel.admission, ztunnel.hbone.limits; README)
     max_connections: int = 0  # 0: derived from the open-file limit
     max_pending_handshakes: int = 512
@@ -75,21 +89,76 @@ _SPEC: list[tuple[str, str, str, str]] = [
         "this agent's node; workloads with this node are local",
     ),
     ("trust_domain", "--trust-domain", "TRUST_DOMAIN", "SPIFFE trust domain of the mesh"),
-    ("cluster_id", "--cluster-id", "CLUSTER_ID", "cluster id (telemetry, CA requests)"),
+    (
+        "cluster_id",
+        "--cluster-id",
+        "CLUSTER_ID",
+        "cluster id (telemetry, istiod and CA requests; ISTIO_META_CLUSTER_ID wins)",
+    ),
     (
         "local_xds_path",
         "--local-xds",
         "LOCAL_XDS_PATH",
         "mesh state file or directory (YAML), reloaded on change",
     ),
-    ("xds_address", "--xds-address", "XDS_ADDRESS", "istiod xDS address (not supported yet)"),
-    ("ca_address", "--ca-address", "CA_ADDRESS", "Istio CA address (not supported yet)"),
+    (
+        "xds_address",
+        "--xds-address",
+        "XDS_ADDRESS",
+        "istiod's delta xDS address (https://HOST:PORT; port 15012 by default)",
+    ),
+    (
+        "ca_address",
+        "--ca-address",
+        "CA_ADDRESS",
+        "Istio CA address for workload certificates (https://HOST:PORT)",
+    ),
     (
         "ca_dir",
         "--ca-dir",
         "ZTUNNEL_CA_DIR",
         "act as our own CA with the cacerts in this directory",
     ),
+    (
+        "xds_root_ca",
+        "--xds-root-ca",
+        "XDS_ROOT_CA",
+        "root certificate istiod's serving certificate must chain to: a file, PEM text, or SYSTEM",
+    ),
+    (
+        "ca_root_ca",
+        "--ca-root-ca",
+        "CA_ROOT_CA",
+        "root certificate of the CA's serving certificate: a file, PEM text, or SYSTEM",
+    ),
+    (
+        "auth_token",
+        "--auth-token",
+        "AUTH_TOKEN",
+        "service-account token for istiod: a file (re-read when it changes) or the token itself; "
+        "default ./var/run/secrets/tokens/istio-token when it exists",
+    ),
+    (
+        "alt_xds_hostname",
+        "--alt-xds-hostname",
+        "ALT_XDS_HOSTNAME",
+        "name to verify istiod's certificate against instead of the address' host",
+    ),
+    (
+        "alt_ca_hostname",
+        "--alt-ca-hostname",
+        "ALT_CA_HOSTNAME",
+        "name to verify the CA's certificate against instead of the address' host",
+    ),
+    (
+        "secret_ttl",
+        "--secret-ttl",
+        "SECRET_TTL",
+        "requested workload certificate lifetime (e.g. 24h, 90m, 3600s)",
+    ),
+    ("pod_name", "--pod-name", "POD_NAME", "this agent's pod name (xDS node id)"),
+    ("pod_namespace", "--pod-namespace", "POD_NAMESPACE", "this agent's namespace (xDS node id)"),
+    ("instance_ip", "--instance-ip", "INSTANCE_IP", "this agent's pod IP (xDS node id)"),
     (
         "capture",
         "--capture",
@@ -194,6 +263,33 @@ _SPEC: list[tuple[str, str, str, str]] = [
         "directory for the agent's small state files (ebpf)",
     ),
     (
+        "capture_attach",
+        "--capture-attach",
+        "ZTUNNEL_CAPTURE_ATTACH",
+        "how the capture programs are attached: auto (tcx links on Linux 6.6+, else cls_bpf), "
+        "tcx, or cls_bpf (the first tc priority; also on a tcx kernel) (ebpf)",
+    ),
+    (
+        "capture_allow_ahead",
+        "--capture-allow-ahead",
+        "ZTUNNEL_CAPTURE_ALLOW_AHEAD",
+        "accept the risk of these programs running ahead of the capture (comma-separated BPF "
+        "program names or tc filter kinds, or *): their pods stay captured instead of being "
+        "refused (ebpf)",
+    ),
+    (
+        "capture_tc_priority",
+        "--capture-tc-priority",
+        "ZTUNNEL_CAPTURE_TC_PRIORITY",
+        "tc priority of the capture filters in cls_bpf mode (1 runs first) (ebpf)",
+    ),
+    (
+        "capture_check_interval",
+        "--capture-check-interval",
+        "ZTUNNEL_CAPTURE_CHECK_INTERVAL",
+        "seconds between checks for programs running ahead of the capture (ebpf)",
+    ),
+    (
         "max_connections",
         "--max-connections",
         "ZTUNNEL_MAX_CONNECTIONS",
@@ -249,6 +345,10 @@ _SPEC: list[tuple[str, str, str, str]] = [
     ),
 ]
 
+# Further environment variables for a setting, tried before the main one (Istio's ztunnel
+# prefers ISTIO_META_CLUSTER_ID over CLUSTER_ID).
+_ENV_FIRST: dict[str, tuple[str, ...]] = {"cluster_id": ("ISTIO_META_CLUSTER_ID",)}
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -302,8 +402,9 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         kind = type(getattr(defaults, name))
         raw = getattr(args, name, None)
         where = flag
-        if raw is None and env in environ:
-            raw, where = environ[env], f"environment variable {env}"
+        for name_env in (*_ENV_FIRST.get(name, ()), env):
+            if raw is None and name_env in environ:
+                raw, where = environ[name_env], f"environment variable {name_env}"
         if raw is None:
             continue
         values[name] = _convert(name, str(raw), kind, where)
@@ -362,28 +463,56 @@ def validate(s: Settings) -> None:
             raise ConfigError("settings", "node_ip", f"not an IP address: {s.node_ip!r}") from None
     if not s.local_xds_path and not s.xds_address:
         raise ConfigError(
-            "settings", "local_xds_path", "no mesh state: give --local-xds FILE (LOCAL_XDS_PATH)"
+            "settings",
+            "local_xds_path",
+            "no mesh state: give --local-xds FILE (LOCAL_XDS_PATH) or --xds-address "
+            "(XDS_ADDRESS) of istiod",
         )
-    if s.xds_address and not s.local_xds_path:
+    if s.local_xds_path and s.xds_address:
         raise ConfigError(
-            "settings", "xds_address", "istiod xDS is not supported yet; use --local-xds FILE"
+            "settings",
+            "xds_address",
+            "give either istiod (--xds-address) or a mesh state file (--local-xds), not both",
         )
-    if not s.ca_dir:
-        if s.ca_address:
-            raise ConfigError(
-                "settings",
-                "ca_address",
-                "the Istio CA client is not supported yet; use --ca-dir DIR",
-            )
+    if s.ca_dir and s.ca_address:
+        raise ConfigError(
+            "settings",
+            "ca_address",
+            "give either the Istio CA (--ca-address) or a local CA (--ca-dir), not both",
+        )
+    if not s.ca_dir and not s.ca_address:
         raise ConfigError(
             "settings",
             "ca_dir",
-            "no certificate source: give --ca-dir DIR (ztunnel ca init --dir DIR)",
+            "no certificate source: give --ca-address (CA_ADDRESS) of the Istio CA, or "
+            "--ca-dir DIR (ztunnel ca init --dir DIR)",
         )
+    from ztunnel.xds.config import validate_istiod_settings  # the istiod-specific fields
+
+    validate_istiod_settings(s)
     for name in ("connect_timeout", "drain_timeout", "pool_idle_timeout", "reload_interval"):
         if getattr(s, name) <= 0:
             raise ConfigError("settings", name, "must be positive")
+    validate_capture(s)
     validate_limits(s)
+
+
+def validate_capture(s: Settings) -> None:
+    """The eBPF capture's own settings (ztunnel.capture.ordering has the details)."""
+    if s.capture_attach not in ("auto", "tcx", "cls_bpf"):
+        raise ConfigError(
+            "settings", "capture_attach", f"must be auto, tcx or cls_bpf, got {s.capture_attach!r}"
+        )
+    if not 1 <= s.capture_tc_priority <= 0xFFFF:
+        raise ConfigError("settings", "capture_tc_priority", "must be in 1..65535")
+    if not 0.05 <= s.capture_check_interval <= 3600:
+        raise ConfigError(
+            "settings", "capture_check_interval", "must be between 0.05 and 3600 seconds"
+        )
+    for name in s.capture_allow_ahead.split(","):
+        name = name.strip()
+        if name and (len(name) > 64 or not name.isprintable() or " " in name):
+            raise ConfigError("settings", "capture_allow_ahead", f"not a program name: {name!r}")
 
 
 def validate_limits(s: Settings) -> None:

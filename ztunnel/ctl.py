@@ -1,6 +1,7 @@
 """`ztunnel ctl`: look into a running agent through its admin API (default 127.0.0.1:15000,
-`--admin ADDR:PORT`): workloads, services, policies, certificates, connections, or the whole
-config dump. Tables for people by default, `-o json` or `-o yaml` for programs.
+`--admin ADDR:PORT`): workloads, services, policies, certificates, connections, the eBPF
+capture's hooks (`ctl capture`), or the whole config dump. Tables for people by default,
+`-o json` or `-o yaml` for programs.
 
 Each read-only view is a `View` (which part of `/config_dump`, which columns); commands that
 need more than a view (such as a future `ctl check`) add their own subparser in `add_parser`
@@ -151,6 +152,32 @@ def _policies(dump: dict[str, Any]) -> list[dict[str, Any]]:
     return [p if isinstance(p, dict) else {"name": str(p)} for p in dump.get("policies", [])]
 
 
+def _xds(dump: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per xDS resource type, with the connection to istiod on each."""
+    xds = (dump.get("istiod") or {}).get("xds")
+    if not isinstance(xds, dict):
+        return []
+    conn = {
+        "address": xds.get("address"),
+        "connected_since": xds.get("connected_since") or "disconnected",
+        "last_error": xds.get("last_error"),
+    }
+    rows = []
+    for t in xds.get("types", []):
+        nack = t.get("last_nack") or {}
+        ack = t.get("last_ack") or {}
+        rows.append(
+            {
+                **conn,
+                **t,
+                "type": str(t.get("type_url", "")).rsplit("/", 1)[-1],
+                "last_ack_at": ack.get("at"),
+                "last_nack_error": nack.get("error"),
+            }
+        )
+    return rows
+
+
 def _age(seconds: object) -> str:
     if not isinstance(seconds, int | float):
         return "-"
@@ -226,6 +253,23 @@ VIEWS: tuple[View, ...] = (
             ("STATE", _get("state")),
             ("NOT AFTER", _get("not_after")),
             ("RENEW AT", _get("renew_at")),
+            ("LAST ERROR", _get("last_error")),
+        ),
+    ),
+    View(
+        "xds",
+        "the xDS connection to istiod: state, resources, last ACK/NACK per type",
+        _xds,
+        (
+            ("ISTIOD", _get("address")),
+            ("CONNECTED SINCE", _get("connected_since")),
+            ("TYPE", _get("type")),
+            ("RESOURCES", _get("resources")),
+            ("SYNCED", lambda r: "yes" if r.get("synced") else "no"),
+            ("ACKS", _get("acks")),
+            ("NACKS", _get("nacks")),
+            ("LAST ACK", _get("last_ack_at")),
+            ("LAST NACK", _get("last_nack_error")),
             ("LAST ERROR", _get("last_error")),
         ),
     ),
@@ -306,6 +350,53 @@ def _run_check(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if result.get("allowed") else 3
 
 
+CAPTURE_HOOK_COLUMNS: tuple[tuple[str, Cell], ...] = (
+    ("INTERFACE", _get("interface")),
+    ("HOOK", _get("hook")),
+    ("MODE", _get("mode")),
+    ("STATE", _get("state")),
+    ("REORDERS", _get("reorders")),
+    ("AHEAD", lambda h: "; ".join(h.get("ahead") or []) or "-"),
+)
+CAPTURE_POD_COLUMNS: tuple[tuple[str, Cell], ...] = (
+    ("POD", _get("pod")),
+    ("CAPTURE OK", lambda p: "yes" if p.get("ok") else "NO"),
+    ("DETAIL", _get("detail")),
+)
+
+
+def render_capture(capture: dict[str, Any]) -> str:
+    """`ztunnel ctl capture` as text: the attach mode, every hook, every pod's verdict."""
+    age = capture.get("last_check_age_seconds")
+    lines = [
+        f"attach mode: {capture.get('mode') or '-'}"
+        f" (tcx {'available' if capture.get('tcx_available') else 'not available'}),"
+        f" hooks checked every {capture.get('check_interval_seconds')}s,"
+        f" last check {_age(age) + ' ago' if age is not None else 'not yet'}"
+    ]
+    if capture.get("last_error"):
+        lines.append(f"last check failed: {capture['last_error']}")
+    hooks = list(capture.get("hooks") or [])
+    lines += ["", render_table(hooks, CAPTURE_HOOK_COLUMNS) if hooks else "no hooks"]
+    pods = [{"pod": k, **v} for k, v in sorted((capture.get("pods") or {}).items())]
+    lines += ["", render_table(pods, CAPTURE_POD_COLUMNS) if pods else "no pods"]
+    refused = [h for h in hooks if h.get("state") == "refused"]
+    for hook in refused:
+        lines += ["", f"{hook.get('interface')}: {hook.get('detail')}"]
+    return "\n".join(lines)
+
+
+def _run_capture(args: argparse.Namespace, out: TextIO) -> int:
+    capture = _client(args).config_dump().get("capture")
+    if not isinstance(capture, dict):
+        raise CtlError("the agent has no eBPF capture (it runs without --capture ebpf)")
+    output = getattr(args, "output", "table")
+    out.write((render_capture(capture) if output == "table" else render(capture, output)) + "\n")
+    pods_ok = all(p.get("ok") for p in (capture.get("pods") or {}).values())
+    hooks_ok = all(h.get("ok") for h in capture.get("hooks") or [])
+    return 0 if pods_ok and hooks_ok else 3
+
+
 def _guard(run: Callable[[argparse.Namespace, TextIO], int]) -> Callable[[argparse.Namespace], int]:
     def func(args: argparse.Namespace) -> int:
         try:
@@ -353,6 +444,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "config-dump", parents=[common], help="the agent's whole configuration dump (JSON or YAML)"
     )
     dump.set_defaults(func=_guard(_run_dump))
+    capture = ctl_sub.add_parser(
+        "capture",
+        parents=[common],
+        help="the eBPF capture's hooks: what runs ahead of ztunnel, and which pods are"
+        " refused (exit 3 when anything is not safely captured)",
+    )
+    capture.set_defaults(func=_guard(_run_capture))
     check = ctl_sub.add_parser(
         "check",
         parents=[common],

@@ -127,15 +127,20 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(nodes: int = 2, pods: int = 3, keep: bool = False) -> int:
+def main(nodes: int = 2, pods: int = 3, keep: bool = False, istiod: bool = False) -> int:
     def progress(msg: str) -> None:
         print(f"  .. {msg}", flush=True)
 
     if nodes < 2 or pods < 3:
         raise LabError("the demo needs at least 2 nodes and 3 pods per node")
     t0 = time.monotonic()
-    print("ztunnel lab demo: node agents with eBPF capture in network namespaces")
-    t = runner.up(nodes, pods, progress)
+    print(
+        "ztunnel lab demo: node agents with eBPF capture in network namespaces"
+        + (", state and certificates from a test istiod" if istiod else "")
+    )
+    from ztunnel.lab import waypoint as waypoint_lab  # the L7 part (waypoint) of the demo
+
+    t = runner.up(nodes, max(pods, waypoint_lab.PODS_PER_NODE), progress, istiod)
     try:
         print(
             f"  lab {t.lab_id} up in {time.monotonic() - t0:.1f}s: "
@@ -148,6 +153,10 @@ def main(nodes: int = 2, pods: int = 3, keep: bool = False) -> int:
                 f"{'enrolled' if r.enrolled else 'not enrolled'}"
             )
         rows = run(t, progress)
+        if istiod:
+            from ztunnel.lab import istiod_lab
+
+            rows.append(istiod_lab.demo_row(t, progress))
         print()
         print(
             table(
@@ -174,6 +183,8 @@ def main(nodes: int = 2, pods: int = 3, keep: bool = False) -> int:
             print(f"  agent {n.name} counters: {shown or '(none)'}")
         failed = [r for r in rows if r[-1] != "PASS"]
         print(f"\n{len(rows) - len(failed)} of {len(rows)} flows behaved as expected.")
+        wrows = waypoint_lab.demo(t, progress, table)
+        failed += [r for r in wrows if r[-1] != "PASS"]
         return 1 if failed else 0
     finally:
         if keep:

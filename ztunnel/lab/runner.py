@@ -27,6 +27,7 @@ import yaml
 
 from ztunnel.ca import CertificateAuthority
 from ztunnel.enrolment import EnrolmentError, request
+from ztunnel.lab import istiod_lab
 from ztunnel.lab import topology as topo
 from ztunnel.lab.topology import LabError, NodeSpec, PodSpec, Topology
 
@@ -109,6 +110,16 @@ def mesh_state(t: Topology) -> dict[str, Any]:
     }
 
 
+def extra_agent_args(t: Topology) -> list[str]:
+    """Flags `up(agent_args=...)` gave every agent of the lab (kept for restarts)."""
+    path = lab_dir(t.lab_id) / "agent-args.json"
+    try:
+        args = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [str(a) for a in args] if isinstance(args, list) else []
+
+
 def agent_argv(t: Topology, node: NodeSpec) -> list[str]:
     d = lab_dir(t.lab_id)
     nd = d / node.name
@@ -127,10 +138,11 @@ def agent_argv(t: Topology, node: NodeSpec) -> list[str]:
         node.uplink_ifname,
         "--bpf-pin-dir",
         str(node.pin_dir),
-        "--local-xds",
-        str(d / "mesh.yaml"),
-        "--ca-dir",
-        str(d / "ca"),
+        # Mesh state and certificates: the file and the local CA, or the test istiod.
+        *(
+            istiod_lab.agent_args(t, node)
+            or ["--local-xds", str(d / "mesh.yaml"), "--ca-dir", str(d / "ca")]
+        ),
         "--enrolment-socket",
         str(nd / "ztunnel.sock"),
         "--state-dir",
@@ -147,6 +159,7 @@ def agent_argv(t: Topology, node: NodeSpec) -> list[str]:
         str(READY_PORT),
         "--drain-timeout",
         "2",
+        *extra_agent_args(t),
     ]
 
 
@@ -295,7 +308,17 @@ def set_enrolled(t: Topology, pod: PodSpec, enrolled: bool) -> None:
         )
 
 
-def up(nodes: int = 2, pods: int = 3, progress: Progress = _quiet) -> Topology:
+def up(
+    nodes: int = 2,
+    pods: int = 3,
+    progress: Progress = _quiet,
+    istiod: bool = False,
+    agent_args: tuple[str, ...] = (),
+    before_agents: Callable[[Topology], None] | None = None,
+) -> Topology:
+    """Builds and starts a lab. `agent_args` are extra `ztunnel run` flags for every agent;
+    `before_agents` runs once the namespaces exist, before any agent starts (e.g. to put
+    another component's programs on the hooks first)."""
     if nodes < 1 or pods < 1:
         raise LabError("a lab needs at least one node and one pod per node")
     progress(f"creating {nodes} nodes x {pods} pods (network namespaces, veths, bridge)")
@@ -305,6 +328,12 @@ def up(nodes: int = 2, pods: int = 3, progress: Progress = _quiet) -> Topology:
         d.mkdir(parents=True, exist_ok=True)
         CertificateAuthority.create("cluster.local").save(d / "ca")
         (d / "mesh.yaml").write_text(yaml.safe_dump(mesh_state(t), sort_keys=False))
+        if istiod:
+            progress("starting the test istiod in the lab network (xDS + CA on :15012)")
+            istiod_lab.start(t)
+        (d / "agent-args.json").write_text(json.dumps(list(agent_args)))
+        if before_agents is not None:
+            before_agents(t)
         progress("starting applications in pods")
         for pod in t.pods():
             start_apps(t, pod)
@@ -436,6 +465,7 @@ def print_status() -> int:
             except EnrolmentError:
                 pods = {}
             enrolled = sorted(k for k, v in pods.items() if v.get("enrolled"))
+            refused = sorted(k for k, v in pods.items() if not v.get("capture", {}).get("ok"))
             totals = metrics_totals(node) if alive else {}
             opened = {k: int(v) for k, v in totals.items() if "opened" in k}
             print(
@@ -443,5 +473,7 @@ def print_status() -> int:
                 f"{'running' if alive else 'NOT RUNNING'}{', ready' if ready else ''}"
             )
             print(f"    enrolled: {', '.join(enrolled) or '-'}")
+            if refused:
+                print(f"    capture NOT safe (see `ztunnel ctl capture`): {', '.join(refused)}")
             print(f"    connections opened: {opened or '-'}")
     return 0
