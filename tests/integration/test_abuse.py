@@ -42,7 +42,11 @@ LEGIT_BUDGET = 1.0  # seconds for a whole legitimate call, during and after ever
 
 async def make_victim(tmp_path: Path, *flags: str) -> Victim:
     v = await asyncio.to_thread(start_victim, tmp_path, *flags)
-    v.echo = await EchoServer(v.echo_ip, 8080).start()
+    try:
+        v.echo = await EchoServer(v.echo_ip, 8080).start()
+    except BaseException:
+        stop_victim(v)
+        raise
     return v
 
 
