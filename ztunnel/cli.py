@@ -1,6 +1,7 @@
 """The `ztunnel` command: `run` (the node agent), `ca` (the built-in CA), `demo` (two agents
 on loopback), `ctl` (inspect a running agent), `lab` (the namespace lab), `bench` (the
-benchmark suite). Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage."""
+benchmark suite), `analyze` (configuration analysis, istioctl's exit codes). Exit codes: 0 ok,
+1 runtime failure, 2 bad configuration or usage."""
 
 from __future__ import annotations
 
@@ -155,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     ctl.add_parser(sub)
+    # `ztunnel analyze`: istioctl-style analysis (ztunnel.analyze), its own parser and exit codes.
+    from ztunnel.analyze import command as analyze_command
+
+    analyze_command.add_parser(sub)
     lab = sub.add_parser("lab", help="the network-namespace lab (root): nodes, pods, eBPF")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     for name, text in (
@@ -188,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["analyze"]:
+        from ztunnel.analyze.command import main as analyze_main
+
+        return analyze_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     rc: int = args.func(args)
