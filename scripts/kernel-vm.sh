@@ -246,13 +246,19 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 source_tar "$RUN/src.tar"
-printf '%s\0' "$@" >"$RUN/args"
+# Emulated, user space is 10-30x slower: the lab's waits stretch (tests/lab/conftest.py) and
+# so does pytest's per-test timeout (a later --timeout among the arguments still wins).
+scale=1
+[ "$ACCEL" = kvm ] || scale=${ZTUNNEL_LAB_TIME_SCALE:-20}
+[[ "$scale" =~ ^[1-9][0-9]*$ ]] || die "ZTUNNEL_LAB_TIME_SCALE: a positive integer, not $scale"
+printf '%s\0' "--timeout=$((300 * scale))" "$@" >"$RUN/args"
 guest_timeout=$((TIMEOUT > 600 ? TIMEOUT - 300 : TIMEOUT / 2)) # leave time to boot and report
 
 cat >"$RUN/guest.sh" <<GUEST
 #!/bin/bash
 # PID 1 of the guest: set up what systemd would, run the tests, record the code, power off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+export ZTUNNEL_LAB_TIME_SCALE=$scale PYTHONUNBUFFERED=1
 finish() { echo "\$1" >/run/vm/rc; sync; echo o >/proc/sysrq-trigger; sleep 60; }
 trap 'finish 2' EXIT
 m() { mountpoint -q "\$3" || { mkdir -p "\$3" && mount -t "\$1" "\$2" "\$3"; }; }
