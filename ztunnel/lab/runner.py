@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,13 +181,13 @@ def agent_ready(node: NodeSpec) -> tuple[bool, str]:
     return code == 200, body.strip()
 
 
-def start_agent(t: Topology, node: NodeSpec) -> int:
+def start_agent(t: Topology, node: NodeSpec, extra_args: Sequence[str] = ()) -> int:
     nd = lab_dir(t.lab_id) / node.name
     nd.mkdir(parents=True, exist_ok=True)
     log = open(nd / "agent.log", "ab")  # noqa: SIM115 - handed to the child
     proc = topo.popen_in_netns(
         node.netns,
-        agent_argv(t, node),
+        [*agent_argv(t, node), *extra_args],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
