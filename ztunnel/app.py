@@ -53,7 +53,7 @@ log = logging.getLogger("ztunnel")
 # Capture modes with transparent 0.0.0.0 listeners on 15001/15006/15008. `tproxy` is `ebpf`
 # without the BPF side: the node's TPROXY rules and its `ip rule fwmark` local-delivery route
 # (the same mark and table as the eBPF capture) are installed by someone else, e.g. the
-# benchmark (`ztunnel.bench`), to compare the two capture paths.
+# benchmark (`bench/`), to compare the two capture paths.
 TRANSPARENT_CAPTURES = ("ebpf", "tproxy")
 # The local-delivery mark of tproxy mode: the eBPF capture's (capture.config.DEFAULT_MARK),
 # repeated so that tproxy mode never imports the capture package.

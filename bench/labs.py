@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from bench import tools
+from bench.tools import BenchError, LoadGen, Processes, StunnelService
 from ztunnel.app import TPROXY_LOCAL_MARK
-from ztunnel.bench import tools
-from ztunnel.bench.tools import BenchError, LoadGen, Processes, StunnelService
 from ztunnel.ca import CertificateAuthority, write_workload_files
 from ztunnel.identity import SpiffeId
 from ztunnel.lab import runner

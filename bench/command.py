@@ -13,8 +13,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
-README = Path(__file__).resolve().parents[2] / "README.md"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def add_parser(sub: Any) -> None:
@@ -78,7 +78,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _plan(args: argparse.Namespace) -> Any:
-    from ztunnel.bench.suite import SCENARIOS, Plan
+    from bench.suite import SCENARIOS, Plan
 
     plan = Plan.quick_plan() if args.quick else Plan()
     changes: dict[str, Any] = {}
@@ -119,8 +119,8 @@ def _on_sigterm(_sig: int, _frame: FrameType | None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ztunnel.bench import report
-    from ztunnel.bench.suite import Run
+    from bench import report
+    from bench.suite import Run
     from ztunnel.errors import ZtunnelError
 
     if os.geteuid() != 0:
@@ -172,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(text)
     if "l7" in results:
-        from ztunnel.bench import l7
+        from bench import l7
 
         print("\nL7 (waypoint vs nginx vs HAProxy):\n" + l7.table(results["l7"]))
     print(
@@ -183,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
     if write_readme and not failed and results["summary"]:
         report.update_readme(README, report.readme_section(results))
         if "l7" in results:
-            from ztunnel.bench import l7
+            from bench import l7
 
             l7.update_readme(README, results["l7"])
         print(f"updated the Benchmarks section of {README}")

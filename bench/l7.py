@@ -28,13 +28,13 @@ from typing import Any
 
 import yaml
 
-from ztunnel.bench.tools import BenchError, Processes, wait_port
+from bench.tools import BenchError, Processes, wait_port
 from ztunnel.lab import runner
 from ztunnel.lab import topology as topo
 from ztunnel.lab import waypoint as waypoint_lab
 from ztunnel.lab.topology import Topology
 
-SOURCE = Path(__file__).resolve().parents[2] / "bench" / "httpload.c"
+SOURCE = Path(__file__).resolve().parent / "httpload.c"
 BACKEND_PORT = 9080
 NGINX_PORT = 8081
 HAPROXY_PORT = 8082

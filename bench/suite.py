@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ztunnel.bench import labs, procstat, profile, tools
-from ztunnel.bench.labs import BenchLab
-from ztunnel.bench.tools import BenchError, LoadGen
+from bench import labs, procstat, profile, tools
+from bench.labs import BenchLab
+from bench.tools import BenchError, LoadGen
 from ztunnel.lab import runner
 from ztunnel.lab import topology as topo
 
@@ -95,9 +95,9 @@ class Plan:
     cps_conns: int = 16  # concurrent connect-request-close workers
     memory_conns: int = 10_000
     memory_scenarios: tuple[str, ...] = ("mesh", "stunnel")
-    profile: bool = False  # py-spy the agents of the mesh scenario (ztunnel.bench.profile)
+    profile: bool = False  # py-spy the agents of the mesh scenario (bench.profile)
     quick: bool = False
-    l7: bool = True  # the L7 section: waypoint vs nginx vs HAProxy (ztunnel.bench.l7)
+    l7: bool = True  # the L7 section: waypoint vs nginx vs HAProxy (bench.l7)
 
     @classmethod
     def quick_plan(cls) -> Plan:
@@ -351,7 +351,7 @@ class Run:
                 self.errors.append(f"memory {name}: {e}")
                 self.progress(f"  ERROR memory {name}: {e}")
         if p.l7:
-            from ztunnel.bench import l7
+            from bench import l7
 
             try:
                 self.extra["l7"] = l7.run(p.reps, p.load_seconds, self.out_dir, self.progress)
