@@ -87,11 +87,14 @@ class BenchLab:
             runner.down(self.topology.lab_id)
 
 
-def _start_agent(t: Topology, node: NodeSpec, capture: str, event_loop: str) -> int:
-    """runner.start_agent with our capture mode and event loop (same files, same pid file)."""
+def _start_agent(
+    t: Topology, node: NodeSpec, capture: str, event_loop: str, workers: int = 1
+) -> int:
+    """runner.start_agent with our capture mode, event loop and worker processes (same files,
+    same pid file)."""
     argv = runner.agent_argv(t, node)
     argv[argv.index("--capture") + 1] = capture
-    argv += ["--event-loop", event_loop]
+    argv += ["--event-loop", event_loop, "--workers", str(workers)]
     nd = runner.lab_dir(t.lab_id) / node.name
     nd.mkdir(parents=True, exist_ok=True)
     with open(nd / "agent.log", "ab") as log:

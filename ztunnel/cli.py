@@ -29,6 +29,12 @@ def _run(args: argparse.Namespace) -> int:
     from ztunnel.app import Agent
 
     async def main() -> int:
+        if settings.workers != 1:  # worker processes (ztunnel.workers), unless one it is
+            from ztunnel.workers.supervisor import run_workers
+
+            rc = await run_workers(settings)
+            if rc is not None:
+                return rc
         agent = Agent(settings)
         agent.load_state()
         await agent.start()
