@@ -42,7 +42,14 @@ def add_parser(sub: Any) -> None:
         "--scenarios",
         default=None,
         help="comma-separated subset of: direct, direct-same, stunnel, mesh, "
-        "mesh-same, tproxy, tproxy-same, mesh-asyncio",
+        "mesh-same, tproxy, tproxy-same, mesh-workers, mesh-asyncio",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes per agent in the mesh-workers scenario (default: the usable "
+        "CPUs, at least 2)",
     )
     p.add_argument("--rate", type=float, default=None, help="req/s of the latency test")
     p.add_argument(
@@ -109,6 +116,10 @@ def _plan(args: argparse.Namespace) -> Any:
             changes["memory_scenarios"] = ()
     if args.profile:
         changes["profile"] = True
+    if getattr(args, "workers", None) is not None:
+        if not 2 <= args.workers <= 64:
+            raise ValueError("--workers must be 2..64")
+        changes["workers"] = args.workers
     if getattr(args, "l7", None) is not None:
         changes["l7"] = args.l7
     return dataclasses.replace(plan, **changes)
