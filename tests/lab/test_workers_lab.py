@@ -19,6 +19,7 @@ import yaml
 from ztunnel.lab import runner
 from ztunnel.lab import topology as topo
 from ztunnel.lab.topology import NodeSpec, Topology
+from ztunnel.workers.supervisor import SHARING_OVERRIDE
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
 
@@ -194,3 +195,29 @@ def test_killed_worker_is_restarted_while_the_other_serves(workers_lab: Topology
     assert f"(pid {victim['pid']}) exited with signal SIGKILL" in log
     results = calls(t, CALLS, "after-restart")
     assert all(r["ok"] for r in results), results
+
+
+def test_shared_accept_queue_fallback_serves_and_restarts() -> None:
+    """Kernels before 6.5 cannot sk_assign into a reuseport group: the workers then share one
+    socket per port (forced here on a newer kernel with the tests-only override)."""
+    os.environ[SHARING_OVERRIDE] = "shared"
+    try:
+        t = runner.up(nodes=2, pods=3, agent_args=("--workers", "2"))
+    finally:
+        del os.environ[SHARING_OVERRIDE]
+    try:
+        n0 = t.node("n0")
+        assert dump(n0)["workers"]["sharing"] == "shared"
+        results = calls(t, 8, "shared") + calls(t, 8, "shared", src="n0p2")
+        assert all(r["ok"] for r in results), results
+        victim = processes(n0)[1]
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        results = calls(t, 8, "shared-restart")
+        assert all(r["ok"] for r in results), results
+        assert topo.wait_until(
+            lambda: processes(n0)[1]["pid"] != victim["pid"] and processes(n0)[1]["ready"],
+            30,
+            0.2,
+        ), processes(n0)
+    finally:
+        runner.down(t.lab_id)

@@ -22,7 +22,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ztunnel.workers")
 
+# Tests only: run the pre-6.5 fallback (one shared accept queue) on a newer kernel.
+SHARING_OVERRIDE = "ZTUNNEL_TEST_WORKERS_SHARING"
 LIVE_WINDOW = 30.0  # workers include live connections this long after a /config_dump
 EXIT_GRACE = 5.0  # beyond the drain timeout, before a worker that has not exited is killed
 
@@ -364,6 +366,8 @@ async def run_workers(settings: Settings) -> int | None:
     """`ztunnel run` with workers: None when one process it is (the caller runs the agent as
     before), else run the agent and its workers until SIGTERM/SIGINT; the exit code."""
     plan = plan_workers(settings, available_cpus(), os.uname().release)
+    if plan.multi and os.environ.get(SHARING_OVERRIDE) == "shared":
+        plan = replace(plan, sharing="shared", reason=plan.reason + f" ({SHARING_OVERRIDE})")
     log.info("workers: %s", plan.reason)
     if not plan.multi:
         return None
