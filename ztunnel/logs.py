@@ -97,6 +97,13 @@ class BatchingStreamHandler(logging.StreamHandler[TextIO]):
 
 
 def setup(fmt: str = "text", level: str = "info") -> None:
+    # Neither format shows the caller's file/line, thread or process: skip collecting them
+    # for every record (the logging HOWTO's "Optimization" section). Access-log line cost,
+    # measured: -20-25%.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
