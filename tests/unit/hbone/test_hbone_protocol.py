@@ -745,3 +745,22 @@ def test_no_data_after_our_end_of_stream_and_data_after_the_peers() -> None:
     ]
     assert c.send_data(sid, b"late") == 0 and c.data_to_send() == b""
     assert c.send_data(sid + 2, b"no such stream") == 0
+
+
+def test_request_headers_are_literal_strings_a_peer_decodes() -> None:
+    """No Huffman coding of our header strings (RFC 7541 section 5.2: the encoder's choice):
+    the values appear verbatim in the block, and a python-hyper h2 server decodes them."""
+    c = p.HboneProtocol(True, 0.0)
+    srv = raw_h2(False)
+    req = ConnectRequest(
+        "10.0.0.1:8080",
+        forwarded='for="10.0.0.9:40000"',
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    )
+    sid = c.open_stream(req)
+    wire = bytes(c.data_to_send())
+    (block,) = [f.payload for f in parse_frames(wire) if f.type == HEADERS]
+    assert req.traceparent.encode() in block and req.forwarded.encode() in block
+    (got,) = [e for e in srv.receive_data(wire) if isinstance(e, h2.events.RequestReceived)]
+    assert got.stream_id == sid
+    assert dict(got.headers) == dict(req.header_list())
