@@ -63,7 +63,9 @@ class BatchingStreamHandler(logging.StreamHandler[TextIO]):
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        self._scheduled = False
+        # The loop a flush is scheduled on (one that was stopped before running it must not
+        # hold up lines logged on the next one).
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -78,13 +80,13 @@ class BatchingStreamHandler(logging.StreamHandler[TextIO]):
         self._pending.append(line)
         if loop is None:
             self.flush()
-        elif not self._scheduled:
-            self._scheduled = True
+        elif self._scheduled_on is not loop:
+            self._scheduled_on = loop
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # created in Handler.__init__
-            self._scheduled = False
+            self._scheduled_on = None
             if self._pending:
                 lines, self._pending = self._pending, []
                 try:

@@ -91,3 +91,22 @@ def test_json_time_is_utc_with_milliseconds() -> None:
             == ("2023-11-14T22:13:20" if created < 1700000001 else "2023-11-14T22:13:21")
             + f".{int(created % 1 * 1000):03d}Z"
         )
+
+
+def test_a_loop_stopped_before_its_flush_does_not_hold_up_the_next(
+    logged: tuple[logging.Logger, CountingStream, BatchingStreamHandler],
+) -> None:
+    logger, stream, _ = logged
+    first = asyncio.new_event_loop()
+    first.call_soon(logger.info, "on a loop that stops")
+    first.call_soon(first.stop)
+    first.run_forever()  # runs the two callbacks; the flush they scheduled never runs
+    first.close()
+    assert stream.getvalue() == ""
+
+    async def main() -> None:
+        logger.info("on the next loop")
+        await asyncio.sleep(0)
+        assert stream.getvalue() == "on a loop that stops\non the next loop\n"
+
+    asyncio.run(main())
