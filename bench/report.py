@@ -128,6 +128,16 @@ def memory_lines(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def machine_load_line(results: dict[str, Any]) -> str:
+    """How busy the machine was while each scenario ran (medians over its measurements)."""
+    parts = [
+        f"{name} {_fmt(s.get('machine_busy_vcpu'))}/{_fmt(s.get('machine_steal_vcpu'))}"
+        for name, s in results["summary"].items()
+    ]
+    cores = results["machine"].get("cores", "?")
+    return f"machine busy/steal vCPU during the measurements (of {cores}): " + ", ".join(parts)
+
+
 def capture_lines(results: dict[str, Any]) -> list[str]:
     out = []
     for k, c in results.get("capture_comparison", {}).items():
@@ -191,6 +201,7 @@ def terminal(results: dict[str, Any]) -> str:
         "",
         text_table(header, body),
         "",
+        machine_load_line(results),
         *capture_lines(results),
         *memory_lines(results),
         "",
@@ -283,7 +294,14 @@ def readme_section(results: dict[str, Any]) -> str:
             "",
             markdown_table(header, body),
             "",
-            *("- " + line for line in capture_lines(results) + memory_lines(results)),
+            *(
+                "- " + line
+                for line in [
+                    machine_load_line(results),
+                    *capture_lines(results),
+                    *memory_lines(results),
+                ]
+            ),
             "",
             "Targets:",
             "",

@@ -647,6 +647,13 @@ def _summarise(by: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "storm_cps": med("storm", "cps"),
         "storm_p99_us": med("storm", "latency_us", "p99"),
         "storm_errors": med("storm", "errors"),
+        # The whole machine while this scenario was measured (everything running, ours or not).
+        "machine_busy_vcpu": _median(
+            [r["machine"]["busy_vcpu"] for rs in by.values() for r in rs if "machine" in r]
+        ),
+        "machine_steal_vcpu": _median(
+            [r["machine"]["steal_vcpu"] for rs in by.values() for r in rs if "machine" in r]
+        ),
     }
     procs = sorted({k for rs in by.values() for r in rs for k in r.get("cpu_vcpu", {})})
     s["cpu"] = {
