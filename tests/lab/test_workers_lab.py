@@ -197,6 +197,23 @@ def test_killed_worker_is_restarted_while_the_other_serves(workers_lab: Topology
     assert all(r["ok"] for r in results), results
 
 
+def test_sigterm_drains_every_worker_and_the_agent_exits(workers_lab: Topology) -> None:
+    """Last of the module's tests on this lab: it stops n1's agent."""
+    t = workers_lab
+    n1 = t.node("n1")
+    pids = [int(p["pid"]) for p in processes(n1)]
+    log_path = runner.lab_dir(t.lab_id) / "n1" / "agent.log"
+    offset = log_path.stat().st_size
+    os.kill(pids[0], signal.SIGTERM)
+    # Drain timeout 2 s in the lab: everyone is gone well before runner's SIGKILL would be.
+    assert topo.wait_until(lambda: not any(runner._alive(p) for p in pids), 15, 0.1), pids
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        tail = f.read().decode(errors="replace")
+    assert tail.count("draining:") >= 2, tail  # the agent's process and the worker each drain
+    assert "exited with" not in tail, tail  # no worker counted as crashed during the drain
+
+
 def test_shared_accept_queue_fallback_serves_and_restarts() -> None:
     """Kernels before 6.5 cannot sk_assign into a reuseport group: the workers then share one
     socket per port (forced here on a newer kernel with the tests-only override)."""
