@@ -5,11 +5,16 @@ kind whose API is not served (its CRD is not installed: 404) has no resources.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import ssl
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
+
+import yaml
 
 from ztunnel.meshconfig.source import SourceDocument
 
@@ -127,6 +132,7 @@ class ClientFetcher:
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.timeout = timeout
+        self.server = urllib.parse.urlsplit(str(api_client.configuration.host)).netloc
 
     def __call__(self, spec: KubeList, token: str) -> Mapping[str, Any]:
         from kubernetes.client.exceptions import ApiException
@@ -154,9 +160,12 @@ class ClientFetcher:
         except ApiException as e:
             if e.status == 404:
                 raise NotServed(spec.path) from None
-            raise KubeError(f"listing {spec.path}: {e.status} {e.reason}") from None
+            if not e.status:  # the client's wrapping of a TLS failure
+                raise KubeError(f"listing {spec.path}: {unreachable(e, self.server, 0)}") from None
+            raise KubeError(f"listing {spec.path}: {refused(e.status, e.reason, e.body)}") from None
         except Exception as e:  # urllib3/ssl/socket errors: the cluster is out of reach
-            raise KubeError(f"listing {spec.path}: {e}") from None
+            why = unreachable(e, self.server, self.timeout)
+            raise KubeError(f"listing {spec.path}: {why}") from None
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -166,28 +175,103 @@ class ClientFetcher:
         return body
 
 
+def refused(status: int, reason: str | None, body: Any) -> str:
+    """An API error answer: the status, and the Status object's message when it says more
+    (`403 Forbidden: pods is forbidden: User ... cannot list ...`)."""
+    text = f"{status} {reason or ''}".strip()
+    message = ""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        doc = json.loads(body)
+        if isinstance(doc, Mapping) and doc.get("kind") == "Status":
+            message = str(doc.get("message") or "")
+    if status == 401:
+        # kubectl: "error: You must be logged in to the server (Unauthorized)"
+        return f"{text}: you must be logged in to the server (check the kubeconfig's credentials)"
+    if message and message != reason:
+        return f"{text}: {message}"
+    return text
+
+
+def unreachable(e: BaseException, server: str, timeout: float) -> str:
+    """Why the API server could not be asked, in kubectl's words where it has some
+    ("The connection to the server ... was refused - did you specify the right host or
+    port?"), without the client library's object names."""
+    import urllib3.exceptions as u3
+
+    reason: BaseException = e
+    if isinstance(e, u3.MaxRetryError) and e.reason is not None:
+        reason = e.reason
+    cause = reason
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    if isinstance(reason, u3.NameResolutionError):
+        host = server.rsplit(":", 1)[0]
+        return f"Unable to connect to the server: the name {host} could not be resolved"
+    if isinstance(cause, ConnectionRefusedError):
+        return (
+            f"The connection to the server {server} was refused - did you specify the right "
+            "host or port?"
+        )
+    # (urllib3's NewConnectionError is a ConnectTimeoutError: refusals are sorted out above.)
+    if isinstance(reason, (u3.ReadTimeoutError, u3.ConnectTimeoutError, TimeoutError)) and not (
+        isinstance(cause, OSError) and cause.strerror
+    ):
+        return f"the server {server} did not answer within {timeout:g} s (--timeout)"
+    if isinstance(reason, u3.SSLError) or isinstance(cause, ssl.SSLError) or "SSLError" in str(e):
+        detail = cause if isinstance(cause, ssl.SSLError) else reason
+        return f"Unable to connect to the server {server}: TLS: {_one_line(detail)}"
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"Unable to connect to the server {server}: {cause.strerror}"
+    return f"Unable to connect to the server {server}: {_one_line(reason)}"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+# One more try when a connection cannot be made; a request the server took is not repeated
+# (so --timeout bounds a stalled server), as client-go does not retry it either.
+def _retries() -> Any:
+    import urllib3
+
+    return urllib3.Retry(total=1, connect=1, read=0, redirect=0, status=0, other=0)
+
+
 def connect(kubeconfig: str | None, context: str | None) -> tuple[Any, str]:
     """An API client from a kubeconfig (default: $KUBECONFIG or ~/.kube/config), or the
-    in-cluster service account; and the context's namespace ("" when it sets none)."""
+    in-cluster service account; and the context's namespace ("" when it sets none). The
+    kubeconfig is only read (refreshed credentials are not written back)."""
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
+    cfg = client.Configuration()
+    if kubeconfig and not os.path.exists(kubeconfig):
+        raise KubeError(f"no usable Kubernetes configuration: {kubeconfig}: no such file")
+    # $KUBECONFIG as it is now (the client reads it once, when first imported); it may name
+    # several files separated by ":", which the client merges as kubectl does.
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
     try:
         try:
-            api = config.new_client_from_config(  # type: ignore[no-untyped-call]
-                config_file=kubeconfig, context=context
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig,
+                context=context,
+                client_configuration=cfg,
+                persist_config=False,
             )
         except ConfigException:
-            if kubeconfig or context or os.environ.get("KUBECONFIG"):
+            if kubeconfig or context:
                 raise
             try:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
+                config.load_incluster_config(cfg)  # type: ignore[no-untyped-call]
             except ConfigException:
                 raise KubeError(
                     "no kubeconfig (--kubeconfig, $KUBECONFIG or ~/.kube/config) and not "
                     "running in a cluster"
                 ) from None
-            return client.ApiClient(), ""
+            cfg.retries = _retries()
+            return client.ApiClient(cfg), ""
+        cfg.retries = _retries()
+        api = client.ApiClient(cfg)
         contexts, active = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
             config_file=kubeconfig
         )
@@ -196,5 +280,9 @@ def connect(kubeconfig: str | None, context: str | None) -> tuple[Any, str]:
             chosen = next((c for c in contexts if c.get("name") == context), active)
         namespace = str((chosen or {}).get("context", {}).get("namespace") or "")
         return api, namespace
-    except (ConfigException, OSError, ValueError) as e:
-        raise KubeError(f"no usable Kubernetes configuration: {e}") from None
+    except (ConfigException, OSError, ValueError, yaml.YAMLError) as e:
+        raise KubeError(f"no usable Kubernetes configuration: {_one_line(e)}") from None
+    except (TypeError, KeyError, AttributeError, IndexError) as e:
+        # The client walks the kubeconfig as dicts and lists: a wrong shape ends up here.
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise KubeError(f"no usable Kubernetes configuration: {where} is malformed ({e})") from None
