@@ -11,7 +11,7 @@ import os
 import ssl
 import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -83,43 +83,71 @@ Fetch = Callable[[KubeList, str], Mapping[str, Any]]
 
 @dataclass
 class ClusterSnapshot:
+    """The cluster's resources as documents (file CLUSTER; `line` is the 1-based position
+    in the snapshot, which `where` names), and the kinds the cluster serves."""
+
     documents: list[SourceDocument]
     available: set[str]
+    origins: list[str] = field(default_factory=list)
+
+    def namespaces(self) -> set[str]:
+        """The names of the Namespaces listed (well-formed ones)."""
+        out = set()
+        for d in self.documents:
+            if not isinstance(d.obj, Mapping) or d.obj.get("kind") != "Namespace":
+                continue
+            meta = d.obj.get("metadata")
+            if isinstance(meta, Mapping):
+                out.add(str(meta.get("name")))
+        return out
+
+    def where(self, line: int) -> str:
+        """Where a document came from, for errors about objects that cannot be named
+        (`VirtualService #2 listed from /apis/networking.istio.io/v1/virtualservices`)."""
+        if 0 < line <= len(self.origins):
+            return self.origins[line - 1]
+        return "a resource from the cluster"
 
 
 def snapshot(fetch: Fetch, lists: tuple[KubeList, ...] = LISTS) -> ClusterSnapshot:
     """Every listed resource as a document (apiVersion and kind filled in: list items lack
     them), and the names of the kinds the cluster serves."""
-    docs: list[SourceDocument] = []
-    available: set[str] = set()
+    snap = ClusterSnapshot([], set())
     for spec in lists:
         for version in (spec.version, *spec.older):
             try:
-                docs.extend(_list_all(fetch, replace(spec, version=version), len(docs)))
+                _list_all(fetch, replace(spec, version=version), snap)
             except NotServed:
                 continue
-            available.add(spec.available_as)
+            snap.available.add(spec.available_as)
             break
-    return ClusterSnapshot(docs, available)
+    return snap
 
 
-def _list_all(fetch: Fetch, spec: KubeList, first_index: int) -> list[SourceDocument]:
-    docs: list[SourceDocument] = []
+def _list_all(fetch: Fetch, spec: KubeList, into: ClusterSnapshot) -> None:
+    """Every page of one list into the snapshot. An item that is not a well-formed object
+    is kept as it came: the config model reports it (naming where it was listed) and the
+    rest is analyzed."""
     token = ""
+    n = 0
     while True:
         body = fetch(spec, token)
         items = body.get("items")
         if not isinstance(items, list):
-            raise KubeError(f"{spec.path}: the answer has no items list")
+            raise KubeError(f"listing {spec.path}: the answer has no items list")
         for item in items:
-            if not isinstance(item, Mapping):
-                raise KubeError(f"{spec.path}: an item is not an object")
-            obj = {"apiVersion": spec.api_version, "kind": spec.kind, **item}
-            docs.append(SourceDocument(obj, CLUSTER, first_index + len(docs), 0))
+            n += 1
+            obj: Any = item
+            if isinstance(item, Mapping):
+                # The list's kind, whatever an item says: the server answered for this kind.
+                obj = {**item, "apiVersion": spec.api_version, "kind": spec.kind}
+            position = len(into.documents) + 1
+            into.documents.append(SourceDocument(obj, CLUSTER, position - 1, position))
+            into.origins.append(f"{spec.kind} #{n} listed from {spec.path}")
         meta = body.get("metadata")
         token = str(meta.get("continue") or "") if isinstance(meta, Mapping) else ""
         if not token:
-            return docs
+            return
 
 
 class ClientFetcher:
@@ -247,9 +275,12 @@ def connect(kubeconfig: str | None, context: str | None) -> tuple[Any, str]:
     cfg = client.Configuration()
     if kubeconfig and not os.path.exists(kubeconfig):
         raise KubeError(f"no usable Kubernetes configuration: {kubeconfig}: no such file")
-    # $KUBECONFIG as it is now (the client reads it once, when first imported); it may name
-    # several files separated by ":", which the client merges as kubectl does.
-    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
+    # $KUBECONFIG and ~ as they are now: the client resolves its default once, when first
+    # imported. $KUBECONFIG may name several files separated by ":", which the client
+    # merges as kubectl does.
+    explicit = kubeconfig or os.environ.get("KUBECONFIG") or None
+    default = os.path.expanduser("~/.kube/config")
+    kubeconfig = explicit or default
     try:
         try:
             config.load_kube_config(  # type: ignore[no-untyped-call]
@@ -259,7 +290,7 @@ def connect(kubeconfig: str | None, context: str | None) -> tuple[Any, str]:
                 persist_config=False,
             )
         except ConfigException:
-            if kubeconfig or context:
+            if explicit or context or os.path.exists(default):
                 raise
             try:
                 config.load_incluster_config(cfg)  # type: ignore[no-untyped-call]
@@ -284,5 +315,5 @@ def connect(kubeconfig: str | None, context: str | None) -> tuple[Any, str]:
         raise KubeError(f"no usable Kubernetes configuration: {_one_line(e)}") from None
     except (TypeError, KeyError, AttributeError, IndexError) as e:
         # The client walks the kubeconfig as dicts and lists: a wrong shape ends up here.
-        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        where = kubeconfig
         raise KubeError(f"no usable Kubernetes configuration: {where} is malformed ({e})") from None

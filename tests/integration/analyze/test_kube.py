@@ -4,7 +4,9 @@ output lines and istioctl's exit codes; API failures end with a clear message, e
 
 from __future__ import annotations
 
+import copy
 import io
+import json
 import socket
 from pathlib import Path
 
@@ -109,6 +111,49 @@ def test_namespace_selection(mesh: Cluster, analyze: Analyze) -> None:
     # A namespace the cluster does not have: istioctl's note, nothing analyzed.
     r = analyze(mesh, "-n", "nope")
     assert (r.rc, r.out, r.err) == (0, "", 'namespace "nope" not found\n')
+
+
+def test_the_context_flag(mesh: Cluster, analyze: Analyze, tmp_path: Path) -> None:
+    """--context picks a kubeconfig context (and its namespace), as kubectl's flag does; a
+    context the kubeconfig does not have is an error, not the current one silently."""
+    doc = json.loads(mesh.kubeconfig.read_text())
+    shop = copy.deepcopy(doc["contexts"][0])
+    shop["name"] = "shop-admin"
+    shop["context"]["namespace"] = "shop"
+    doc["contexts"].append(shop)
+    two = tmp_path / "two-contexts"
+    two.write_text(json.dumps(doc))
+    r = analyze(mesh, kubeconfig=two)
+    assert (r.rc, r.lines) == (79, HELLOWORLD_LINES)
+    r = analyze(mesh, "--context", "shop-admin", kubeconfig=two)
+    assert (r.rc, r.lines, r.err) == (79, SHOP_LINES, issues("namespace: shop"))
+    r = analyze(mesh, "--context", "nope", kubeconfig=two)
+    assert (r.rc, r.out) == (1, "")
+    assert r.err.startswith("Error: no usable Kubernetes configuration: "), r.err
+    assert "nope" in r.err and r.err.count("\n") == 1, r.err
+
+
+def test_the_default_kubeconfig_is_found_at_run_time(
+    mesh: Cluster, analyze: Analyze, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """~/.kube/config and $KUBECONFIG as they are when the command runs (the client
+    library resolves its default once, when first imported in the process)."""
+    (tmp_path / ".kube").mkdir()
+    (tmp_path / ".kube" / "config").write_text(mesh.kubeconfig.read_text())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out, err = io.StringIO(), io.StringIO()
+    assert command.main(["--kube"], io.StringIO(), out, err) == 79
+    assert out.getvalue().splitlines() == HELLOWORLD_LINES
+    # $KUBECONFIG wins over ~/.kube/config; it may list several files (merged as kubectl
+    # does: the first file that sets current-context decides).
+    in_shop = mesh.kubeconfig_with("shop.kubeconfig", namespace="shop")
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'absent'}:{in_shop}")
+    out, err = io.StringIO(), io.StringIO()
+    assert command.main(["--kube"], io.StringIO(), out, err) == 79
+    assert out.getvalue().splitlines() == SHOP_LINES
+    # Through the real command line, with a HOME of its own.
+    cli = ztunnel_cli(tmp_path, "--kube", "-n", "shop")
+    assert (cli.rc, cli.lines) == (79, SHOP_LINES), cli.err
 
 
 # ---- files laid over the cluster ------------------------------------------------------------
@@ -315,3 +360,52 @@ def test_no_kubeconfig(cluster: Cluster, analyze: Analyze, tmp_path: Path) -> No
         assert (r.rc, r.out) == (1, ""), r.err
         assert r.err.startswith("Error: no usable Kubernetes configuration: "), r.err
         assert r.err.count("\n") == 1, r.err
+
+
+# ---- abuse: what a broken API server lists ----------------------------------------------------
+
+
+def test_malformed_objects_from_the_cluster_are_reported_not_fatal(
+    cluster: Cluster, analyze: Analyze
+) -> None:
+    """The stand-in (like an API server without the CRDs' schemas) takes a VirtualService
+    whose hosts is a string: IST0106 names it. An object that is not a resource at all
+    (stored behind the API's back, as a broken conversion webhook could serve it) is
+    reported with where it was listed; everything else is still analyzed."""
+    cluster.apply(CRDS)
+    cluster.apply(CLUSTER / "namespaces.yaml")
+    cluster.apply(CLUSTER / "helloworld.yaml")
+    bad = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "stringly", "namespace": "default"},
+        "spec": {"hosts": "reviews", "http": [{"route": [{"destination": {"host": "r"}}]}]},
+    }
+    cluster.apply("-", stdin=yaml.safe_dump(bad))
+    store = cluster.server.store
+    res = store.find("networking.istio.io", "v1", "destinationrules")
+    assert res is not None
+    with store._lock:
+        store._objects[(res.key, "default", "zz")] = {
+            "metadata": {"name": ["zz"], "namespace": "default"}
+        }
+    r = analyze(cluster)
+    assert r.lines == [
+        "Error [IST0106] (VirtualService default/stringly) Schema validation error: "
+        "spec.hosts: expected a list, got str",
+        *HELLOWORLD_LINES,
+    ]
+    assert r.err == (
+        "Error(s) reading the cluster: 1 error occurred:\n"
+        "\t* DestinationRule #1 listed from /apis/networking.istio.io/v1/destinationrules: "
+        "metadata.name: expected a string, got list\n\n" + issues("namespace: default")
+    )
+    assert r.rc == 79
+    # Nothing else to report: the unreadable object makes the run fail as input errors do.
+    r = analyze(cluster, "-n", "clean")
+    assert r.err.endswith(
+        "No validation issues found when analyzing namespace: clean (but 1 resource from "
+        "the cluster could not be parsed).\n"
+        "Error: Some resources from the cluster couldn't be parsed.\n"
+    )
+    assert r.rc == 65
