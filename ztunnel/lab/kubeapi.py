@@ -4,12 +4,13 @@ It is NOT Kubernetes: one process, objects in memory, no admission, no controlle
 implements what our components and `kubectl label/annotate/get -o json/delete` use, with the
 real API's wire behaviour: HTTPS with bearer-token auth; legacy discovery (`/api`, `/apis`,
 `/api/v1`, `/apis/apps/v1`, `/version`); core/v1 namespaces, nodes, pods (+ `pods/status`),
-services and apps/v1 daemonsets; get/list/watch with resourceVersion (watch replays from a
+services and apps/v1 daemonsets, and CustomResourceDefinitions with the custom resources they
+define (`kuberesources`); get/list/watch with resourceVersion (watch replays from a
 bounded event log, 410 Gone "Expired" when the version is older than the log, BOOKMARK events
 when asked), label selectors (`=`, `==`, `!=`, `in`, `notin`, exists, `!key`) and field
 selectors (`metadata.name`, `metadata.namespace`, `spec.nodeName`, `status.phase`); create,
-PUT with optimistic concurrency (409), JSON merge patch and strategic merge patch (maps merge,
-lists replace: enough for labels and annotations), delete (graceful for bound pods when asked).
+PUT with optimistic concurrency (409), JSON merge patch and strategic merge patch (`kubepatch`),
+delete (graceful for bound pods when asked), paginated lists (`limit`/`continue`).
 Faults can be injected (status, delay, count per method/path) to test clients' error paths.
 
 Run it: `python -m ztunnel.lab.kubeapi --listen 127.0.0.1:6443 --token T --dir D` writes
