@@ -118,6 +118,10 @@ def snapshot(fetch: Fetch, lists: tuple[KubeList, ...] = LISTS) -> ClusterSnapsh
             try:
                 _list_all(fetch, replace(spec, version=version), snap)
             except NotServed:
+                if not spec.group:  # every API server serves core/v1: this is not one
+                    raise KubeError(
+                        f"listing {spec.path}: 404 Not Found: not a Kubernetes API server?"
+                    ) from None
                 continue
             snap.available.add(spec.available_as)
             break
@@ -196,10 +200,13 @@ class ClientFetcher:
             raise KubeError(f"listing {spec.path}: {why}") from None
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise KubeError(f"listing {spec.path}: not JSON: {e}") from None
+        except (ValueError, UnicodeDecodeError):
+            raise KubeError(
+                f"listing {spec.path}: the answer is not JSON: is {self.server} a Kubernetes "
+                "API server?"
+            ) from None
         if not isinstance(body, Mapping):
-            raise KubeError(f"listing {spec.path}: not a list object")
+            raise KubeError(f"listing {spec.path}: the answer is not a list object")
         return body
 
 
@@ -229,9 +236,7 @@ def unreachable(e: BaseException, server: str, timeout: float) -> str:
     reason: BaseException = e
     if isinstance(e, u3.MaxRetryError) and e.reason is not None:
         reason = e.reason
-    cause = reason
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    cause = _innermost(reason)
     if isinstance(reason, u3.NameResolutionError):
         host = server.rsplit(":", 1)[0]
         return f"Unable to connect to the server: the name {host} could not be resolved"
@@ -250,11 +255,26 @@ def unreachable(e: BaseException, server: str, timeout: float) -> str:
         return f"Unable to connect to the server {server}: TLS: {_one_line(detail)}"
     if isinstance(cause, OSError) and cause.strerror:
         return f"Unable to connect to the server {server}: {cause.strerror}"
-    return f"Unable to connect to the server {server}: {_one_line(reason)}"
+    # (urllib3's ProtocolError("Connection aborted.", RemoteDisconnected(...)): the inner one)
+    return f"Unable to connect to the server {server}: {_one_line(cause)}"
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """The error at the bottom of a chain: causes, contexts, and exceptions carried as
+    arguments (as urllib3 wraps the socket's)."""
+    seen = {id(e)}
+    while True:
+        inner = e.__cause__ or e.__context__
+        if inner is None:
+            inner = next((a for a in e.args if isinstance(a, BaseException)), None)
+        if inner is None or id(inner) in seen:
+            return e
+        seen.add(id(inner))
+        e = inner
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 # One more try when a connection cannot be made; a request the server took is not repeated

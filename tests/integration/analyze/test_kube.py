@@ -4,11 +4,18 @@ output lines and istioctl's exit codes; API failures end with a clear message, e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import socket
+import ssl
+import tempfile
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -344,6 +351,71 @@ def test_a_server_whose_certificate_is_not_trusted(cluster: Cluster, analyze: An
         f"Error: listing /api/v1/namespaces: Unable to connect to the server {host}: TLS: "
     ), r.err
     assert "CERTIFICATE_VERIFY_FAILED" in r.err and r.err.count("\n") == 1
+
+
+@contextlib.contextmanager
+def _not_kubernetes(status: int, body: bytes) -> Iterator[tuple[str, bytes]]:
+    """An HTTPS server that is not a Kubernetes API server (a web server, a proxy's error
+    page): every GET answers `status` with an HTML `body`. Yields its URL and CA."""
+    ca, cert, key = make_certificates(["127.0.0.1"])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "cert.pem").write_bytes(cert + ca)
+        (Path(d) / "key.pem").write_bytes(key)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(Path(d) / "cert.pem", Path(d) / "key.pem")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, name="not-kubernetes", daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", ca
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_server_that_is_not_kubernetes(cluster: Cluster, analyze: Analyze) -> None:
+    """A URL that reaches some other web server: a clear error, not "no issues" from lists
+    that all came back 404, and not a JSON decoder's traceback."""
+    page = b"<html><body>Not Found</body></html>"
+    with _not_kubernetes(404, page) as (url, ca):
+        kc = cluster.kubeconfig_with("web404.kubeconfig", server=url, ca=ca)
+        r = analyze(cluster, kubeconfig=kc)
+    assert (r.rc, r.out) == (1, "")
+    assert r.err == (
+        "Error: listing /api/v1/namespaces: 404 Not Found: not a Kubernetes API server?\n"
+    )
+    with _not_kubernetes(200, page) as (url, ca):
+        kc = cluster.kubeconfig_with("web200.kubeconfig", server=url, ca=ca)
+        r = analyze(cluster, kubeconfig=kc)
+    host = url.removeprefix("https://")
+    assert (r.rc, r.out) == (1, "")
+    assert r.err == (
+        f"Error: listing /api/v1/namespaces: the answer is not JSON: is {host} a Kubernetes "
+        "API server?\n"
+    )
+    # Plain HTTP to the (TLS) API server: the server hangs up; said in words, not reprs.
+    plain = cluster.kubeconfig_with("http.kubeconfig", server=cluster.url.replace("https", "http"))
+    r = analyze(cluster, kubeconfig=plain)
+    host = cluster.url.removeprefix("https://")
+    assert (r.rc, r.out) == (1, "")
+    assert r.err.startswith(
+        f"Error: listing /api/v1/namespaces: Unable to connect to the server {host}: "
+    ), r.err
+    assert "(" not in r.err and r.err.count("\n") == 1, r.err
 
 
 def test_no_kubeconfig(cluster: Cluster, analyze: Analyze, tmp_path: Path) -> None:
