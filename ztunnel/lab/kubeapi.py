@@ -593,7 +593,7 @@ class ObjectStore:
                 raise ApiError(
                     409,
                     "Conflict",
-                    f'Operation cannot be fulfilled on {res.group_resource} "{name}": the object has been modified; please apply your changes to the latest version and try again',
+                    f'Operation cannot be fulfilled on {res.plural} "{name}": the object has been modified; please apply your changes to the latest version and try again',
                 )
             if status_only:
                 # pods/status and friends change only the status.
@@ -606,9 +606,7 @@ class ObjectStore:
                     if v is not None and (
                         not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values())
                     ):
-                        raise ApiError.invalid(
-                            res, name, f"metadata.{k}", "Invalid value: must map strings to strings"
-                        )
+                        raise ApiError(422, "Invalid", f"metadata.{k} must map strings to strings")
                 # Identity and server-owned fields stay as they were.
                 for k in (
                     "name",
