@@ -133,8 +133,12 @@ def _list_all(fetch: Fetch, spec: KubeList, into: ClusterSnapshot) -> None:
     is kept as it came: the config model reports it (naming where it was listed) and the
     rest is analyzed."""
     token = ""
+    asked: set[str] = set()
     n = 0
     while True:
+        if token in asked:  # a broken server would otherwise page forever
+            raise KubeError(f"listing {spec.path}: the server repeats a continue token")
+        asked.add(token)
         body = fetch(spec, token)
         items = body.get("items")
         if not isinstance(items, list):

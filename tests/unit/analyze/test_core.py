@@ -155,6 +155,10 @@ def test_snapshot_pages_fills_kinds_and_skips_unserved_apis() -> None:
     assert {"Pod", "Service", "Namespace", "AuthorizationPolicy", "Gateway"} <= snap.available
     with pytest.raises(kube.KubeError, match="no items"):
         kube.snapshot(lambda spec, token: {"kind": "Status"})
+    with pytest.raises(kube.KubeError, match="repeats a continue token"):
+        kube.snapshot(lambda spec, token: {"items": [], "metadata": {"continue": "again"}})
+    with pytest.raises(kube.KubeError, match="not a Kubernetes API server"):
+        kube.snapshot(lambda spec, token: (_ for _ in ()).throw(kube.NotServed(spec.path)))
 
 
 def test_kube_mode_messages(monkeypatch: pytest.MonkeyPatch) -> None:
