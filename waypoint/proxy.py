@@ -157,9 +157,24 @@ class RequestHandler:
         rec.status = response.head.status
         rec.grpc_status = header(response.head.headers, "grpc-status") or rec.grpc_status
         src = response.body
-        # An already complete empty body stays recognisably empty (trailers-only answers).
-        done = src.ended and src.failed is None
-        out = BodyChannel.of(b"", src.trailers) if done else BodyChannel()
+
+        def record() -> None:
+            rec.request_bytes = body.received
+            rec.duration = time.monotonic() - t0
+            with contextlib.suppress(Exception):
+                self.metrics.record(rec)
+                log_request(rec)
+                if self.tracer is not None:
+                    self.tracer.export(trace, rec, start_ns, time.time_ns())  # type: ignore[arg-type]
+
+        if src.complete:
+            # The whole answer is here (every small response): counted and recorded now,
+            # and handed on as it is, without a copying task.
+            rec.response_bytes = src.queued
+            rec.grpc_status = header(src.trailers, "grpc-status") or rec.grpc_status
+            record()
+            return response
+        out = BodyChannel()
 
         async def pump() -> None:
             try:
@@ -175,13 +190,7 @@ class RequestHandler:
                 out.fail(e)
                 src.fail(e)
             finally:
-                rec.request_bytes = body.received
-                rec.duration = time.monotonic() - t0
-                with contextlib.suppress(Exception):
-                    self.metrics.record(rec)
-                    log_request(rec)
-                    if self.tracer is not None:
-                        self.tracer.export(trace, rec, start_ns, time.time_ns())  # type: ignore[arg-type]
+                record()
 
         self._spawn(pump(), "response-body")
         return Response(response.head, out)
