@@ -88,6 +88,7 @@ class RequestHandler:
     rng: random.Random = field(default_factory=random.Random)
     clusters: dict[str, Cluster] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _cluster_views: dict[str, WaypointView] = field(default_factory=dict)
 
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
@@ -98,13 +99,16 @@ class RequestHandler:
     # ---- clusters ----
 
     def cluster(self, view: WaypointView, ref: ClusterRef, port: int) -> Cluster:
-        policy = view.routes.policy(ref, port)
         name = f"{ref.host}|{ref.subset}|{port}"
         c = self.clusters.get(name)
+        if c is not None and self._cluster_views.get(name) is view:
+            return c  # policy and endpoints change only with the view
+        policy = view.routes.policy(ref, port)
         endpoints = view.endpoints(ref, port, policy.subset_labels)
         if c is None:
             c = self.clusters[name] = Cluster(name, policy, self.rng)
         c.update(policy, endpoints)
+        self._cluster_views[name] = view
         return c
 
     # ---- the request ----

@@ -195,11 +195,11 @@ async def _serve_one(
         # request can be sent with Content-Length 0 and its connection reused.
         body.end()
     pump: asyncio.Future[bool]
-    ev = conn.next_event() if body.ended else h11.NEED_DATA
-    if ev is not h11.NEED_DATA:
+    end: Any = conn.next_event() if body.ended else h11.NEED_DATA
+    if end is not h11.NEED_DATA:
         # No body, and h11 has its end already (a GET): known at once, no pump task.
         pump = asyncio.get_running_loop().create_future()
-        pump.set_result(isinstance(ev, h11.EndOfMessage))
+        pump.set_result(isinstance(end, h11.EndOfMessage))
     else:
         pump = asyncio.ensure_future(_pump_request(conn, stream, body, limits))
         pump.set_name(f"h1-body {stream.peer()}")

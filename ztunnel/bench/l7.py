@@ -15,11 +15,13 @@ Paths (each crosses the same veths and bridge):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +36,8 @@ from ztunnel.lab import topology as topo
 from ztunnel.lab import waypoint as waypoint_lab
 from ztunnel.lab.topology import Topology
 
-SOURCE = Path(__file__).resolve().parents[2] / "bench" / "httpload.c"
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "bench" / "httpload.c"
 BACKEND_PORT = 9080
 NGINX_PORT = 8081
 HAPROXY_PORT = 8082
@@ -345,3 +348,31 @@ def update_readme(readme: Path, res: dict[str, Any]) -> None:
         f"{res['seconds']} s; 1 KiB answers from nginx.\n\n{table(res)}\n"
     )
     readme.write_text(text[:start] + block + text[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ztunnel.bench.l7`: only the L7 section (as root), e.g. after a waypoint
+    change; `ztunnel bench` runs it after the L4 suite."""
+    ap = argparse.ArgumentParser(prog="python -m ztunnel.bench.l7", description=main.__doc__)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (medians over them)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
+    ap.add_argument("--conns", type=int, default=16, help="connections of the rate test")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--readme", action="store_true", help="rewrite the README's L7 table")
+    args = ap.parse_args(argv)
+    if not 1 <= args.reps <= 20 or not 0.2 <= args.seconds <= 60 or not 1 <= args.conns <= 1024:
+        ap.error("--reps 1..20, --seconds 0.2..60, --conns 1..1024")
+    res = run(args.reps, args.seconds, args.out, lambda m: print(m, flush=True), args.conns)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "l7.json").write_text(json.dumps(res, indent=1) + "\n")
+    print("\n" + table(res))
+    for e in res["errors"]:
+        print(f"ERROR {e}")
+    if args.readme and not res["errors"]:
+        update_readme(ROOT / "README.md", res)
+        print(f"updated the L7 table of {ROOT / 'README.md'}")
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
