@@ -133,6 +133,9 @@ async def _read_head(
             async with asyncio.timeout(limits.idle_timeout):
                 data = await stream.read()
             conn.receive_data(data)
+            ev = conn.next_event()  # the head usually came whole: no second timer
+            if ev is not h11.NEED_DATA:
+                return ev
         async with asyncio.timeout(limits.header_timeout):
             return await _next_event(conn, stream)
     except TimeoutError:
@@ -143,8 +146,9 @@ async def _read_head(
         raise ProtocolError(e.error_status_hint, f"malformed request: {e}") from None
 
 
-def _request_head(ev: h11.Request, limits: ServerLimits, scheme: str) -> RequestHead:
-    headers = _dec(ev.headers)
+def _request_head(
+    ev: h11.Request, headers: HeaderList, limits: ServerLimits, scheme: str
+) -> RequestHead:
     if len(headers) > limits.max_headers:
         raise ProtocolError(431, f"more than {limits.max_headers} header fields")
     names = [k for k, _ in headers]
@@ -182,13 +186,14 @@ async def _serve_one(
     ev: h11.Request,
     scheme: str,
 ) -> bool:
+    ev_headers = _dec(ev.headers)
     try:
-        head = _request_head(ev, limits, scheme)
+        head = _request_head(ev, ev_headers, limits, scheme)
     except ProtocolError as e:
         await _refuse(conn, stream, e.status, str(e))
         return False
     body = BodyChannel()
-    if header(ev_headers := _dec(ev.headers), "content-length") is None and (
+    if header(ev_headers, "content-length") is None and (
         header(ev_headers, "transfer-encoding") is None
     ):
         # RFC 9112 section 6.3: neither field, no body. Known now, so that an upstream
