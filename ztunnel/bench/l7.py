@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -305,6 +306,7 @@ def run(
         "reps": reps,
         "seconds": seconds,
         "conns": conns,
+        "load": round(os.getloadavg()[0], 1),
         "lab_id": lab.topology.lab_id,
     }
 
@@ -401,8 +403,11 @@ def update_readme(readme: Path, res: dict[str, Any]) -> None:
         return
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     block = (
-        f"{README_BEGIN}\nLatest run: {when}; medians of {res['reps']} run(s) of "
-        f"{res['seconds']} s; 1 KiB answers from nginx.\n\n{table(res)}\n"
+        f"{README_BEGIN}\nLatest run: {when} (this machine: 2 cores shared with other test "
+        f"runs, load average {res.get('load', '?')} at the end: rates and latencies are "
+        "noisy, CPU per request much less); medians of "
+        f"{res['reps']} run(s) of {res['seconds']} s; 1 KiB answers from nginx.\n\n"
+        f"{table(res)}\n"
     )
     readme.write_text(text[:start] + block + text[end:])
 
