@@ -205,15 +205,14 @@ class _Run:
         if not args.all_namespaces:
             namespace = args.namespace or context_namespace or "default"
         defaults_ns = namespace or "default"
-        if cluster is not None and namespace is not None and "Namespace" in cluster.available:
-            listed = {
-                d.obj.get("metadata", {}).get("name")
-                for d in cluster.documents
-                if d.obj.get("kind") == "Namespace"
-            }
-            if namespace not in listed:
-                self.say(f'namespace "{namespace}" not found')
-                return EXIT_OK
+        if (
+            cluster is not None
+            and namespace is not None
+            and "Namespace" in cluster.available
+            and namespace not in cluster.namespaces()
+        ):
+            self.say(f'namespace "{namespace}" not found')
+            return EXIT_OK
         file_docs, file_errors = sources.read_documents(inputs)
         docs = sources.overlay(cluster.documents if cluster else [], file_docs, defaults_ns)
         docs = sources.without_ignored(docs, defaults_ns)
@@ -226,12 +225,22 @@ class _Run:
         resource_errors: list[ResourceError] = []
         cs = parse_documents(docs, options, resource_errors)
         bad_files = {e.split(":", 1)[0] for e in file_errors}
+        cluster_errors: list[str] = []
         for bad in resource_errors:
-            if bad.meta is None:  # not a resource: the document could not be understood
+            if bad.meta is not None:
+                continue  # a resource with a bad field: reported as IST0106 below
+            # Not a resource: the document (or the object the cluster listed) could not be
+            # understood. The others are still analyzed.
+            if cluster is not None and bad.file == kube.CLUSTER:
+                detail = f"{bad.path}: {bad.reason}" if bad.path else bad.reason
+                cluster_errors.append(f"{cluster.where(bad.line)}: {detail}")
+            else:
                 file_errors.append(str(bad))
                 bad_files.add(bad.file)
         if file_errors:
             self.err.write(output.adding_files_errors(file_errors))
+        if cluster_errors:
+            self.err.write(output.reading_cluster_errors(cluster_errors))
         for s in cs.skipped:
             if s.file != kube.CLUSTER:
                 what = f'{s.kind} "{s.name}"' if s.kind else "document"
@@ -251,15 +260,16 @@ class _Run:
         print(output.render(shown, args.output, color), file=self.out)
         if not shown:
             names = [i.name for i in inputs]
-            self.say(output.no_issues(namespace, names, len(bad_files)))
+            self.say(output.no_issues(namespace, names, len(bad_files), len(cluster_errors)))
         # As istioctl, the exit code reflects issues only in log format (json/yaml: 0).
         if args.output != "log":
             return EXIT_OK
         if any(m.level.at_least(args.failure_threshold) for m in result.messages):
             self.say(output.issues_found(namespace))
             return EXIT_ISSUES
-        if bad_files and not args.ignore_unknown:
-            self.say(f"Error: {output.FILE_PARSE_ERROR}")
+        if (bad_files or cluster_errors) and not args.ignore_unknown:
+            what = output.FILE_PARSE_ERROR if bad_files else output.CLUSTER_PARSE_ERROR
+            self.say(f"Error: {what}")
             return EXIT_DATA
         return EXIT_OK
 

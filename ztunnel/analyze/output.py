@@ -14,6 +14,7 @@ from ztunnel.analyze.messages import ANALYSIS_REFERENCE, Message
 
 FORMATS = ("log", "json", "yaml")
 FILE_PARSE_ERROR = "Some files couldn't be parsed."
+CLUSTER_PARSE_ERROR = "Some resources from the cluster couldn't be parsed."
 
 
 def render(messages: Sequence[Message], fmt: str, color: bool = False) -> str:
@@ -59,12 +60,19 @@ def issues_found(namespace: str | None) -> str:
     )
 
 
-def no_issues(namespace: str | None, files: Sequence[str], parse_errors: int) -> str:
-    if parse_errors:
-        noun = "file" if parse_errors == 1 else "files"
+def no_issues(
+    namespace: str | None, files: Sequence[str], parse_errors: int, cluster_errors: int = 0
+) -> str:
+    if parse_errors or cluster_errors:
+        unparsed = []
+        if parse_errors:
+            unparsed.append(f"{parse_errors} file" + ("s" if parse_errors > 1 else ""))
+        if cluster_errors:
+            noun = "resource" if cluster_errors == 1 else "resources"
+            unparsed.append(f"{cluster_errors} {noun} from the cluster")
         return (
             f"No validation issues found when analyzing {target(namespace)} "
-            f"(but {parse_errors} {noun} could not be parsed)."
+            f"(but {' and '.join(unparsed)} could not be parsed)."
         )
     if len(files) > 1:
         listing = "\n  - ".join(files)
@@ -76,6 +84,16 @@ def no_issues(namespace: str | None, files: Sequence[str], parse_errors: int) ->
 
 def adding_files_errors(errors: Sequence[str]) -> str:
     """`Error(s) adding files: ` with go-multierror's list format."""
+    return _multierror("Error(s) adding files", errors)
+
+
+def reading_cluster_errors(errors: Sequence[str]) -> str:
+    """Objects the cluster listed that are not resources (istioctl's typed informers never
+    see them; ours are reported in the files' format and the rest is analyzed)."""
+    return _multierror("Error(s) reading the cluster", errors)
+
+
+def _multierror(title: str, errors: Sequence[str]) -> str:
     head = "1 error occurred" if len(errors) == 1 else f"{len(errors)} errors occurred"
     points = "\n\t".join(f"* {e}" for e in errors)
-    return f"Error(s) adding files: {head}:\n\t{points}\n\n"
+    return f"{title}: {head}:\n\t{points}\n\n"

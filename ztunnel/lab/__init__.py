@@ -3,7 +3,8 @@
 `topology` builds, describes and tears down labs; kernel-level tests and `ztunnel lab up/down`
 use it. `runner` starts agents and apps, `demo` sends every kind of flow. `istiod` is a test
 istiod (delta xDS + CA server, a stand-in for tests and the lab) and `istiod_lab` runs it
-inside a lab. The Kubernetes mode: `kubeapi` (the API server stand-in, reusable on its own),
+inside a lab. The Kubernetes mode: `kubeapi` (the API server stand-in, reusable on its own;
+what it serves, incl. CRDs, in `kuberesources`, its patch formats in `kubepatch`, both pure),
 `meshgen` (API objects -> mesh state, as istiod derives it; pure), `k8s` (the cluster: CNI
 runtime and kubelet stand-ins, installers, controllers) and `k8sdemo` (its story). Nothing
 here is on the agent's data path.

@@ -4,12 +4,13 @@ It is NOT Kubernetes: one process, objects in memory, no admission, no controlle
 implements what our components and `kubectl label/annotate/get -o json/delete` use, with the
 real API's wire behaviour: HTTPS with bearer-token auth; legacy discovery (`/api`, `/apis`,
 `/api/v1`, `/apis/apps/v1`, `/version`); core/v1 namespaces, nodes, pods (+ `pods/status`),
-services and apps/v1 daemonsets; get/list/watch with resourceVersion (watch replays from a
+services and apps/v1 daemonsets, and CustomResourceDefinitions with the custom resources they
+define (`kuberesources`); get/list/watch with resourceVersion (watch replays from a
 bounded event log, 410 Gone "Expired" when the version is older than the log, BOOKMARK events
 when asked), label selectors (`=`, `==`, `!=`, `in`, `notin`, exists, `!key`) and field
 selectors (`metadata.name`, `metadata.namespace`, `spec.nodeName`, `status.phase`); create,
-PUT with optimistic concurrency (409), JSON merge patch and strategic merge patch (maps merge,
-lists replace: enough for labels and annotations), delete (graceful for bound pods when asked).
+PUT with optimistic concurrency (409), JSON merge patch and strategic merge patch (`kubepatch`),
+delete (graceful for bound pods when asked), paginated lists (`limit`/`continue`).
 Faults can be injected (status, delay, count per method/path) to test clients' error paths.
 
 Run it: `python -m ztunnel.lab.kubeapi --listen 127.0.0.1:6443 --token T --dir D` writes
@@ -20,6 +21,8 @@ In-process: `KubeApiServer(...)`, `.start()`, `.store` (the same objects, for te
 from __future__ import annotations
 
 import argparse
+import base64
+import builtins
 import collections
 import contextlib
 import copy
@@ -49,6 +52,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ztunnel.errors import ZtunnelError
+from ztunnel.lab.kubepatch import PatchError, merge_patch, strategic_merge_patch
+from ztunnel.lab.kuberesources import (
+    BY_PATH,
+    CRD_GROUP,
+    OPENAPI_INFO,
+    RESOURCES,
+    VERBS,
+    InvalidDefinition,
+    Registry,
+    Resource,
+    api_group,
+    api_group_list,
+    api_resource_list,
+    crd_status,
+    openapi_document,
+    openapi_gv_path,
+    openapi_root,
+    resources_from_crd,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +96,52 @@ SERVER_VERSION = {
 class ApiError(ZtunnelError):
     """A request the API refuses; carries the HTTP status and the Status reason."""
 
-    def __init__(self, code: int, reason: str, message: str) -> None:
+    def __init__(
+        self, code: int, reason: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
+        self.details = details
 
     def status(self) -> dict[str, Any]:
-        return status_object(self.code, self.reason, self.message)
+        out = status_object(self.code, self.reason, self.message)
+        if self.details:
+            out["details"] = self.details
+        return out
+
+    # The API server's errors about one object (apimachinery api/errors: NewNotFound,
+    # NewAlreadyExists, NewInvalid), with the Status details kubectl prints them from.
+    @classmethod
+    def not_found(cls, res: Resource, name: str) -> ApiError:
+        details = {"name": name, "group": res.group, "kind": res.plural}
+        return cls(404, "NotFound", f'{res.group_resource} "{name}" not found', details)
+
+    @classmethod
+    def already_exists(cls, res: Resource, name: str) -> ApiError:
+        details = {"name": name, "group": res.group, "kind": res.plural}
+        return cls(409, "AlreadyExists", f'{res.group_resource} "{name}" already exists', details)
+
+    @classmethod
+    def invalid(cls, res: Resource, name: Any, field: str, problem: str) -> ApiError:
+        """422 Invalid: `problem` as field.ErrorList words it (`Invalid value: "x": ...`,
+        `Required value: ...`)."""
+        shown = name if isinstance(name, str) else ""
+        cause = {"reason": _cause_reason(problem), "message": problem, "field": field}
+        details = {"name": shown, "group": res.group, "kind": res.kind, "causes": [cause]}
+        message = f'{res.group_kind} "{shown}" is invalid: {field}: {problem}'
+        return cls(422, "Invalid", message, details)
+
+
+def _cause_reason(problem: str) -> str:
+    for words, reason in (
+        ("Required value", "FieldValueRequired"),
+        ("Unsupported", "FieldValueNotSupported"),
+    ):
+        if problem.startswith(words):
+            return reason
+    return "FieldValueInvalid"
 
 
 def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -94,35 +154,6 @@ def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
         "reason": reason,
         "code": code,
     }
-
-
-@dataclass(frozen=True)
-class Resource:
-    """One kind of object the stand-in serves."""
-
-    group: str  # "" for core
-    version: str
-    plural: str
-    singular: str
-    kind: str
-    namespaced: bool
-    short_names: tuple[str, ...] = ()
-    has_status: bool = False
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-
-RESOURCES = (
-    Resource("", "v1", "namespaces", "namespace", "Namespace", False, ("ns",), True),
-    Resource("", "v1", "nodes", "node", "Node", False, ("no",), True),
-    Resource("", "v1", "pods", "pod", "Pod", True, ("po",), True),
-    Resource("", "v1", "services", "service", "Service", True, ("svc",), True),
-    Resource("apps", "v1", "daemonsets", "daemonset", "DaemonSet", True, ("ds",), True),
-)
-BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
-VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
 
 # ---- selectors (pure) ----------------------------------------------------------------------
@@ -254,50 +285,6 @@ class Selector:
         return True
 
 
-# ---- patches (pure) ------------------------------------------------------------------------
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: objects merge, null deletes, everything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = merge_patch(out.get(k), v)
-    return out
-
-
-def strategic_merge_patch(target: Any, patch: Any) -> Any:
-    """Strategic merge patch, the subset for maps: like merge patch, `$patch: delete` on a map
-    removes it; list merge keys are NOT implemented (lists replace), which is exact for
-    labels and annotations (what kubectl sends for `label` and `annotate`)."""
-    if isinstance(patch, dict):
-        if patch.get("$patch") == "delete":
-            return None
-        if any(k.startswith("$") for k in patch):
-            bad = sorted(k for k in patch if k.startswith("$"))
-            raise ApiError(
-                415,
-                "UnsupportedMediaType",
-                f"strategic merge directives {bad} are not supported by this stand-in",
-            )
-        out = dict(target) if isinstance(target, dict) else {}
-        for k, v in patch.items():
-            if v is None:
-                out.pop(k, None)
-            else:
-                merged = strategic_merge_patch(out.get(k), v)
-                if merged is None:
-                    out.pop(k, None)
-                else:
-                    out[k] = merged
-        return out
-    return copy.deepcopy(patch)
-
-
 # ---- the object store ----------------------------------------------------------------------
 
 
@@ -326,6 +313,35 @@ class Fault:
         return (self.method in ("*", method)) and re.search(self.path_regex, path) is not None
 
 
+def served(res: Resource, obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored object as the API serves it at `res`'s version (custom resources are stored
+    once for all versions; with the CRD conversion "None" only the apiVersion changes)."""
+    out = copy.deepcopy(dict(obj))
+    out["apiVersion"] = res.api_version
+    return out
+
+
+def _encode_continue(rv: int, last_key: str) -> str:
+    # apiserver's format: base64url of {"v", "rv", "start"}, start = the next key to read.
+    doc = {"v": "meta.k8s.io/v1", "rv": rv, "start": last_key + "\x00"}
+    return base64.urlsafe_b64encode(json.dumps(doc).encode()).decode().rstrip("=")
+
+
+def _decode_continue(token: str) -> tuple[int, str]:
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        rv, start = doc["rv"], doc["start"]
+        if (
+            doc.get("v") != "meta.k8s.io/v1"
+            or not isinstance(rv, int)
+            or not isinstance(start, str)
+        ):
+            raise ValueError("unknown format")
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
+        raise ApiError(400, "BadRequest", f"continue key is not valid: {e}") from None
+    return rv, start
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -342,11 +358,23 @@ class ObjectStore:
         self._rv = 0
         self.graceful_pod_deletion = graceful_pod_deletion
         self.closed = False
+        # What is served: the built-ins and what CustomResourceDefinitions define (changed
+        # under the lock, as CRDs are written).
+        self.registry = Registry()
 
     # -- helpers
     @staticmethod
     def _key(res: Resource, namespace: str, name: str) -> tuple[str, str, str]:
-        return (res.plural, namespace if res.namespaced else "", name)
+        return (res.key, namespace if res.namespaced else "", name)
+
+    def find(self, group: str, version: str, plural: str) -> Resource | None:
+        """The resource served at that path, None when nothing is (404)."""
+        with self._lock:
+            return self.registry.find(group, version, plural)
+
+    def resources(self) -> list[Resource]:
+        with self._lock:
+            return self.registry.all()
 
     @property
     def resource_version(self) -> int:
@@ -386,13 +414,20 @@ class ObjectStore:
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = str(meta["generateName"]) + uuid.uuid4().hex[:5]
         name = meta.get("name")
+        if not name:
+            raise ApiError.invalid(
+                res, name, "metadata.name", "Required value: name or generateName is required"
+            )
         if not isinstance(name, str) or not re.match(
             r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", name
         ):
-            raise ApiError(
-                422,
-                "Invalid",
-                f"{res.kind} name {name!r} is invalid: a lowercase RFC 1123 name is required",
+            raise ApiError.invalid(
+                res,
+                name,
+                "metadata.name",
+                f"Invalid value: {json.dumps(name)}: a lowercase RFC 1123 subdomain must consist "
+                "of lower case alphanumeric characters, '-' or '.', and must start and end "
+                "with an alphanumeric character",
             )
         if res.namespaced:
             if meta.get("namespace") not in (None, "", namespace):
@@ -409,7 +444,9 @@ class ObjectStore:
             if v is not None and (
                 not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values())
             ):
-                raise ApiError(422, "Invalid", f"metadata.{k} must map strings to strings")
+                raise ApiError.invalid(
+                    res, name, f"metadata.{k}", "Invalid value: must map strings to strings"
+                )
         if res.kind == "Pod":
             containers = (new.get("spec") or {}).get("containers")
             if (
@@ -435,31 +472,105 @@ class ObjectStore:
             self._require_namespace(res, namespace)
             key = self._key(res, namespace, name)
             if key in self._objects:
-                raise ApiError(409, "AlreadyExists", f'{res.plural} "{name}" already exists')
+                raise ApiError.already_exists(res, name)
+            defines = self._admit_definition(res, new)
             self._bump(new)
             self._objects[key] = new
+            if defines is not None:
+                self.registry.define(name, defines)
             self._emit(res, "ADDED", new, None)
             return copy.deepcopy(new)
+
+    def _admit_definition(self, res: Resource, obj: dict[str, Any]) -> list[Resource] | None:
+        """For a CustomResourceDefinition: what it will serve (ApiError 422 when the API
+        would refuse it) and the status the API server gives it; None for other kinds."""
+        if (res.group, res.kind) != (CRD_GROUP, "CustomResourceDefinition"):
+            return None
+        try:
+            defines = resources_from_crd(obj, self.registry.builtin_groups())
+        except InvalidDefinition as e:
+            field, _, problem = str(e).partition(": ")
+            raise ApiError.invalid(res, obj["metadata"].get("name"), field, problem) from None
+        obj["status"] = crd_status(obj)
+        return defines
 
     def get(self, res: Resource, namespace: str, name: str) -> dict[str, Any]:
         with self._lock:
             obj = self._objects.get(self._key(res, namespace, name))
             if obj is None:
-                raise ApiError(404, "NotFound", f'{res.plural} "{name}" not found')
-            return copy.deepcopy(obj)
+                raise ApiError.not_found(res, name)
+            return served(res, obj)
 
     def list(
         self, res: Resource, namespace: str = "", selector: Selector = Selector()
     ) -> tuple[list[dict[str, Any]], int]:
         with self._lock:
             items = [
-                copy.deepcopy(o)
-                for (plural, ns, _), o in sorted(self._objects.items())
-                if plural == res.plural
-                and (not namespace or ns == namespace)
-                and selector.matches(o)
+                served(res, o)
+                for (key, ns, _), o in sorted(self._objects.items())
+                if key == res.key and (not namespace or ns == namespace) and selector.matches(o)
             ]
             return items, self._rv
+
+    def list_page(
+        self,
+        res: Resource,
+        namespace: str,
+        selector: Selector,
+        limit: int,
+        token: str = "",
+    ) -> tuple[builtins.list[dict[str, Any]], int, str, int | None]:
+        """One page of a paginated list ("limit" and "continue", API concepts/pagination):
+        (items, resourceVersion, continue token, remaining item count). Every page is
+        served from the state at the first page's resourceVersion, rebuilt from the event
+        log; a token older than the log is 410 Expired, as a compacted etcd answers."""
+        start = ""
+        with self._lock:
+            if token:
+                rv, start = _decode_continue(token)
+                if rv < self.oldest_watchable() or rv > self._rv:
+                    raise ApiError(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent "
+                        "list result. You can start a new list without the continue parameter.",
+                    )
+                objects = self._objects_at(res, rv)
+            else:
+                rv = self._rv
+                objects = {k: o for k, o in self._objects.items() if k[0] == res.key}
+            # Pages follow the storage's key order (etcd: `<namespace>/<name>` as strings).
+            matching = sorted(
+                (f"{ns}/{name}", o)
+                for (_, ns, name), o in objects.items()
+                if (not namespace or ns == namespace)
+                and f"{ns}/{name}" >= start
+                and selector.matches(o)
+            )
+            page = matching[:limit] if limit > 0 else matching
+            items = [served(res, o) for _, o in page]
+        rest = len(matching) - len(page)
+        if rest <= 0:
+            return items, rv, "", None
+        remaining = rest if not selector.labels and not selector.fields else None
+        return items, rv, _encode_continue(rv, page[-1][0]), remaining
+
+    def _objects_at(self, res: Resource, rv: int) -> dict[tuple[str, str, str], dict[str, Any]]:
+        """The objects of one resource as they were at resourceVersion `rv` (the caller
+        holds the lock and has checked that the event log reaches back to `rv`)."""
+        objects = {k: o for k, o in self._objects.items() if k[0] == res.key}
+        for e in reversed(self._log):
+            if e.rv <= rv:
+                break
+            if e.resource.key != res.key:
+                continue
+            meta = e.obj["metadata"]
+            key = self._key(e.resource, meta.get("namespace", ""), meta["name"])
+            if e.type == "ADDED":
+                objects.pop(key, None)
+            elif e.old is not None:
+                objects[key] = e.old
+        return objects
 
     def _write(
         self,
@@ -473,7 +584,7 @@ class ObjectStore:
             key = self._key(res, namespace, name)
             old = self._objects.get(key)
             if old is None:
-                raise ApiError(404, "NotFound", f'{res.plural} "{name}" not found')
+                raise ApiError.not_found(res, name)
             changed = change(copy.deepcopy(old))
             if not isinstance(changed, dict) or not isinstance(changed.get("metadata"), dict):
                 raise ApiError(422, "Invalid", "the result must be an object with metadata")
@@ -514,12 +625,16 @@ class ObjectStore:
                 new["kind"], new["apiVersion"] = res.kind, res.api_version
                 if res.has_status:
                     new["status"] = copy.deepcopy(old.get("status", {}))
-            if new == old:
-                return copy.deepcopy(old)  # a no-op write does not bump the version (as the API)
+            defines = None if status_only else self._admit_definition(res, new)
+            old_as_written = dict(old, apiVersion=new.get("apiVersion"))
+            if new == old_as_written:
+                return served(res, old)  # a no-op write does not bump the version (as the API)
             if new.get("spec") != old.get("spec"):
                 new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
             self._bump(new)
             self._objects[key] = new
+            if defines is not None:
+                self.registry.define(name, defines)
             self._emit(res, "MODIFIED", new, copy.deepcopy(old))
             return copy.deepcopy(new)
 
@@ -551,15 +666,31 @@ class ObjectStore:
             raise ApiError(400, "BadRequest", "a patch must be a JSON object")
         if content_type == "application/merge-patch+json":
             fn: Callable[[Any, Any], Any] = merge_patch
+        elif content_type == "application/strategic-merge-patch+json" and not res.custom:
+            fn = lambda old, p: strategic_merge_patch(old, p, res.kind)  # noqa: E731
         elif content_type == "application/strategic-merge-patch+json":
-            fn = strategic_merge_patch
+            # As the API server: custom resources have no Go types to carry merge keys.
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                "the body of the request was in an unknown format - accepted media types "
+                "include: application/json-patch+json, application/merge-patch+json, "
+                "application/apply-patch+yaml (the stand-in: merge-patch+json)",
+            )
         else:
             raise ApiError(
                 415,
                 "UnsupportedMediaType",
                 f"the stand-in supports merge-patch+json and strategic-merge-patch+json, not {content_type!r}",
             )
-        return self._write(res, namespace, name, lambda old: fn(old, patch), status_only)
+
+        def change(old: dict[str, Any]) -> Any:
+            try:
+                return fn(old, patch)
+            except PatchError as e:
+                raise ApiError(e.code, e.reason, str(e)) from None
+
+        return self._write(res, namespace, name, change, status_only)
 
     def delete(
         self, res: Resource, namespace: str, name: str, grace_seconds: int | None = None
@@ -568,7 +699,7 @@ class ObjectStore:
             key = self._key(res, namespace, name)
             obj = self._objects.get(key)
             if obj is None:
-                raise ApiError(404, "NotFound", f'{res.plural} "{name}" not found')
+                raise ApiError.not_found(res, name)
             graceful = (
                 res.kind == "Pod"
                 and self.graceful_pod_deletion
@@ -588,20 +719,25 @@ class ObjectStore:
                 self._emit(res, "MODIFIED", obj, old)
                 return copy.deepcopy(obj)
             removed = [(res, key)]
+            # What goes with it: a namespace's objects; a CRD's custom resources (the API
+            # server's namespace and CRD finalizers, done at once).
+            kinds = {r.key: r for r in self.registry.all() if r.namespaced}
             if res.kind == "Namespace":
                 removed += [
-                    (r, k)
-                    for r in RESOURCES
-                    if r.namespaced
-                    for k in self._objects
-                    if k[0] == r.plural and k[1] == name
+                    (kinds[k[0]], k) for k in self._objects if k[0] in kinds and k[1] == name
                 ]
+            if (res.group, res.kind) == (CRD_GROUP, "CustomResourceDefinition"):
+                defined = self.registry.defined(name)
+                if defined:
+                    removed = [(defined[0], k) for k in self._objects if k[0] == name] + removed
             for r, k in removed:
                 gone = self._objects.pop(k)
                 old = copy.deepcopy(gone)
                 self._bump(gone)
                 self._emit(r, "DELETED", gone, old)
-            return copy.deepcopy(obj)
+            if (res.group, res.kind) == (CRD_GROUP, "CustomResourceDefinition"):
+                self.registry.undefine(name)
+            return served(res, obj)
 
     # -- watch
     def events(
@@ -642,21 +778,23 @@ class ObjectStore:
                 continue
             for e in batch:
                 cursor = e.rv
-                if e.resource != res or (
+                if e.resource.key != res.key or (
                     namespace and e.obj["metadata"].get("namespace") != namespace
                 ):
                     continue
                 now_in = e.type != "DELETED" and selector.matches(e.obj)
                 was_in = e.old is not None and selector.matches(e.old)
+                # Shallow copies: the logged object is shared by every watcher.
+                obj = dict(e.obj, apiVersion=res.api_version)
                 if e.type == "DELETED":
                     if was_in:
-                        yield "DELETED", e.obj
+                        yield "DELETED", obj
                 elif now_in and (was_in or e.type == "ADDED"):
-                    yield e.type, e.obj
+                    yield e.type, obj
                 elif now_in:
-                    yield "ADDED", e.obj
+                    yield "ADDED", obj
                 elif was_in:
-                    yield "DELETED", e.obj
+                    yield "DELETED", obj
 
 
 # ---- certificates and kubeconfig -----------------------------------------------------------
@@ -722,43 +860,11 @@ def make_certificates(hosts: list[str]) -> tuple[bytes, bytes, bytes]:
 # ---- HTTP ----------------------------------------------------------------------------------
 
 
-def _discovery(group: str, version: str) -> dict[str, Any]:
-    resources = []
-    for r in RESOURCES:
-        if (r.group, r.version) != (group, version):
-            continue
-        resources.append(
-            {
-                "name": r.plural,
-                "singularName": r.singular,
-                "namespaced": r.namespaced,
-                "kind": r.kind,
-                "verbs": VERBS,
-                "shortNames": list(r.short_names),
-            }
-        )
-        if r.has_status:
-            resources.append(
-                {
-                    "name": f"{r.plural}/status",
-                    "singularName": "",
-                    "namespaced": r.namespaced,
-                    "kind": r.kind,
-                    "verbs": ["get", "patch", "update"],
-                }
-            )
-    gv = f"{group}/{version}" if group else version
-    return {
-        "kind": "APIResourceList",
-        "apiVersion": "v1",
-        "groupVersion": gv,
-        "resources": resources,
-    }
-
-
+_VERSION = r"v[0-9]+(?:(?:alpha|beta)[0-9]+)?"
 _PATH = re.compile(
-    r"^/(?:api/(?P<cv>v1)|apis/(?P<g>[a-z0-9.]+)/(?P<gv>v1))"
-    r"(?:/namespaces/(?P<ns>[^/]+)(?=/))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>status))?$"
+    rf"^/(?:api/(?P<cv>{_VERSION})|apis/(?P<g>[a-z0-9.-]+)/(?P<gv>{_VERSION}))"
+    r"(?:/namespaces/(?P<ns>[^/]+)(?=/))?/(?P<plural>[a-z][-a-z0-9]*)(?:/(?P<name>[^/]+))?"
+    r"(?:/(?P<sub>status))?$"
 )
 
 
@@ -771,9 +877,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing
     def _send_json(self, code: int, obj: Any) -> None:
-        body = json.dumps(obj).encode()
+        self._send_bytes(code, json.dumps(obj).encode(), "application/json")
+
+    def _send_bytes(self, code: int, body: bytes, content_type: str) -> None:
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -796,6 +904,14 @@ class _Handler(BaseHTTPRequestHandler):
                 413, "RequestEntityTooLarge", f"request body larger than {MAX_BODY} bytes"
             )
         raw = self.rfile.read(length) if length else b""
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        if raw and ctype.startswith("application/vnd.kubernetes."):  # protobuf, CBOR
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media types "
+                f"include: application/json (the stand-in does not speak {ctype})",
+            )
         try:
             return json.loads(raw) if raw else None
         except (ValueError, UnicodeDecodeError) as e:
@@ -834,6 +950,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._body_discard()
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             api.requests += 1
+            api.seen.append(f"{method} {self.path}")
             api.apply_faults(method, self.path)
             if path == "/_standin/faults" and method == "POST":
                 body = self._body()
@@ -850,8 +967,12 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             group = m.group("g") or ""
             version = m.group("cv") or m.group("gv")
-            res = BY_PATH.get((group, version, m.group("plural")))
-            if res is None or (m.group("ns") and not res.namespaced):
+            res = api.store.find(group, version, m.group("plural"))
+            if (
+                res is None
+                or (m.group("ns") and not res.namespaced)
+                or (m.group("sub") and not res.has_status)
+            ):
                 self._body_discard()
                 raise ApiError(
                     404, "NotFound", f"the server could not find the requested resource ({path})"
@@ -872,59 +993,59 @@ class _Handler(BaseHTTPRequestHandler):
             self._body()
 
     def _discovery(self, path: str) -> bool:
-        if path == "/version":
-            self._send_json(200, SERVER_VERSION)
-        elif path == "/api":
-            self._send_json(
-                200,
-                {
+        store = self.server.api.store
+        with store._lock:
+            registry = store.registry
+            gvs = registry.group_versions()
+            if path == "/version":
+                doc: Any = SERVER_VERSION
+            elif path == "/api":
+                doc = {
                     "kind": "APIVersions",
-                    "versions": ["v1"],
+                    "versions": gvs[""],
                     "serverAddressByClientCIDRs": [
                         {"clientCIDR": "0.0.0.0/0", "serverAddress": self.server.api.address}
                     ],
-                },
-            )
-        elif path == "/apis":
-            groups = sorted({r.group for r in RESOURCES if r.group})
-            self._send_json(
-                200,
-                {
-                    "kind": "APIGroupList",
-                    "apiVersion": "v1",
-                    "groups": [
-                        {
-                            "name": g,
-                            "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
-                            "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"},
-                        }
-                        for g in groups
-                    ],
-                },
-            )
-        elif path == "/api/v1":
-            self._send_json(200, _discovery("", "v1"))
-        elif path.startswith("/apis/") and path.count("/") == 3:
-            _, _, g, v = path.split("/")
-            if not any(r.group == g and r.version == v for r in RESOURCES):
-                raise ApiError(404, "NotFound", f"no group {g}/{v}")
-            self._send_json(200, _discovery(g, v))
-        elif path.startswith("/apis/") and path.count("/") == 2:
-            g = path.split("/")[2]
-            if not any(r.group == g for r in RESOURCES):
-                raise ApiError(404, "NotFound", f"no group {g}")
-            self._send_json(
-                200,
-                {
-                    "kind": "APIGroup",
-                    "apiVersion": "v1",
-                    "name": g,
-                    "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
-                    "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"},
-                },
-            )
+                }
+            elif path == "/apis":
+                doc = api_group_list(registry)
+            elif path.startswith("/api/") and path.count("/") == 2:
+                if path.split("/")[2] not in gvs[""]:
+                    raise ApiError(404, "NotFound", f"no version {path}")
+                doc = api_resource_list(registry, "", path.split("/")[2])
+            elif path.startswith("/apis/") and path.count("/") == 3:
+                _, _, g, v = path.split("/")
+                if v not in gvs.get(g, ()) or not g:
+                    raise ApiError(404, "NotFound", f"no group {g}/{v}")
+                doc = api_resource_list(registry, g, v)
+            elif path.startswith("/apis/") and path.count("/") == 2:
+                g = path.split("/")[2]
+                if not g or g not in gvs:
+                    raise ApiError(404, "NotFound", f"no group {g}")
+                doc = api_group(g, gvs[g])
+            elif path == "/openapi/v2" and "protobuf" in (self.headers.get("Accept") or ""):
+                doc = None  # answered below, without the lock
+            elif path == "/openapi/v2":
+                doc = {"swagger": "2.0", "info": OPENAPI_INFO, "paths": {}, "definitions": {}}
+            elif path == "/openapi/v3":
+                doc = openapi_root(registry)
+            elif path.startswith("/openapi/v3/"):
+                wanted = path.removeprefix("/openapi/v3/")
+                found = [
+                    (g, v) for g, vs in gvs.items() for v in vs if openapi_gv_path(g, v) == wanted
+                ]
+                if not found:
+                    raise ApiError(404, "NotFound", f"no OpenAPI document for {wanted}")
+                doc = openapi_document(registry, *found[0])
+            else:
+                return False
+        if doc is None:
+            # An empty openapi_v2.Document (no schemas, as the v3 documents): what kubectl's
+            # client-side validation reads for `kind: List` input, then skips. The empty
+            # protobuf message is zero bytes; kube-openapi labels protobuf octet-stream.
+            self._send_bytes(200, b"", "application/octet-stream")
         else:
-            return False
+            self._send_json(200, doc)
         return True
 
     def _resource(
@@ -947,16 +1068,32 @@ class _Handler(BaseHTTPRequestHandler):
                 and int(rv) < store.oldest_watchable()
             ):
                 raise ApiError(410, "Expired", f"too old resource version: {rv}")
-            items, current = store.list(res, ns, selector)
+            try:
+                limit = int(query.get("limit") or 0)
+            except ValueError:
+                raise ApiError(400, "BadRequest", "limit must be a number") from None
+            token = query.get("continue", "")
+            if token and rv:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "specifying resource version is not allowed when using continue",
+                )
+            items, current, more, remaining = store.list_page(res, ns, selector, limit, token)
             for it in items:
                 it.pop("kind", None)
                 it.pop("apiVersion", None)
+            meta: dict[str, Any] = {"resourceVersion": str(current)}
+            if more:
+                meta["continue"] = more
+            if remaining is not None:
+                meta["remainingItemCount"] = remaining
             self._send_json(
                 200,
                 {
                     "kind": f"{res.kind}List",
                     "apiVersion": res.api_version,
-                    "metadata": {"resourceVersion": str(current)},
+                    "metadata": meta,
                     "items": items,
                 },
             )
@@ -1106,6 +1243,8 @@ class KubeApiServer:
         self.bookmark_interval = bookmark_interval
         self.stopping = threading.Event()
         self.requests = 0
+        # The last requests served ("METHOD /path?query"), for tests of what clients send.
+        self.seen: collections.deque[str] = collections.deque(maxlen=4096)
         self.address = ""
         self._faults: list[Fault] = []
         self._faults_lock = threading.Lock()
@@ -1225,4 +1364,16 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["ApiError", "Fault", "KubeApiServer", "ObjectStore", "Resource", "Selector"]
+__all__ = [
+    "BY_PATH",
+    "RESOURCES",
+    "VERBS",
+    "ApiError",
+    "Fault",
+    "KubeApiServer",
+    "ObjectStore",
+    "Resource",
+    "Selector",
+    "merge_patch",
+    "strategic_merge_patch",
+]

@@ -184,7 +184,7 @@ POD = json.dumps({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "c
         (
             req(
                 "PATCH /api/v1/namespaces/shop",
-                b'{"metadata":{"$patch":"replace"}}',
+                b'{"metadata":{"$patch":"frobnicate"}}',
                 "application/strategic-merge-patch+json",
             ),
             415,

@@ -155,6 +155,10 @@ def test_snapshot_pages_fills_kinds_and_skips_unserved_apis() -> None:
     assert {"Pod", "Service", "Namespace", "AuthorizationPolicy", "Gateway"} <= snap.available
     with pytest.raises(kube.KubeError, match="no items"):
         kube.snapshot(lambda spec, token: {"kind": "Status"})
+    with pytest.raises(kube.KubeError, match="repeats a continue token"):
+        kube.snapshot(lambda spec, token: {"items": [], "metadata": {"continue": "again"}})
+    with pytest.raises(kube.KubeError, match="not a Kubernetes API server"):
+        kube.snapshot(lambda spec, token: (_ for _ in ()).throw(kube.NotServed(spec.path)))
 
 
 def test_kube_mode_messages(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,3 +255,39 @@ def test_any_documents_give_messages_or_parse_errors_never_a_traceback(docs: lis
     rc = command.main(["-A", "-"], io.StringIO(text), out, err)
     assert rc in (0, 65, 79)
     assert "Traceback" not in err.getvalue()
+
+
+_items = st.lists(
+    st.one_of(
+        _value,
+        st.fixed_dictionaries(
+            {"metadata": st.one_of(_value, st.dictionaries(st.sampled_from(["name"]), _value))},
+            optional={"spec": _value, "kind": _value},
+        ),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([s.plural for s in kube.LISTS]), _items)
+def test_any_objects_from_the_cluster_are_reported_never_a_traceback(
+    plural: str, items: list[Any]
+) -> None:
+    """Whatever a (broken) API server lists: messages or a line per object that is not a
+    resource, exit 0/65/79, and the well-formed objects are still analyzed."""
+    good = {"metadata": {"name": "web", "namespace": "default"}, "spec": {"ports": [{"port": 80}]}}
+
+    def fetch(spec: kube.KubeList, token: str) -> dict[str, Any]:
+        listed: list[Any] = [{"metadata": {"name": "default"}}] if spec.kind == "Namespace" else []
+        if spec.plural == "services":
+            listed.append(good)
+        if spec.plural == plural:
+            listed += items
+        return {"items": listed}
+
+    out, err = io.StringIO(), io.StringIO()
+    rc = command.main(["--kube", "-A"], io.StringIO(), out, err, fetch)
+    assert rc in (0, 65, 79), err.getvalue()
+    assert "Traceback" not in err.getvalue()
+    assert "(Service default/web) Port name  (port: 80" in out.getvalue()
