@@ -93,18 +93,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _lab(args: argparse.Namespace) -> int:
     from ztunnel.lab import demo, runner, topology
+    from ztunnel.lab.image import ImageOptions
     from ztunnel.lab.topology import LabError
 
     try:
+        image = ImageOptions(args.image) if getattr(args, "image", None) else None
         if args.lab_command == "up":
-            t = runner.up(args.nodes, args.pods, lambda m: print(f"  .. {m}", flush=True))
+            t = runner.up(args.nodes, args.pods, lambda m: print(f"  .. {m}", flush=True), image)
             print(
                 f"lab {t.lab_id} is up; `ztunnel lab status` shows it, `ztunnel lab down` "
                 "removes it"
             )
             return 0
         if args.lab_command == "demo":
-            return demo.main(args.nodes, args.pods, args.keep)
+            return demo.main(args.nodes, args.pods, args.keep, image)
         if args.lab_command == "status":
             return runner.print_status()
         if args.lab_command == "down":
@@ -162,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = lab_sub.add_parser(name, help=text)
         p.add_argument("--nodes", type=int, default=2)
         p.add_argument("--pods", type=int, default=3, help="pods per node")
+        p.add_argument(
+            "--image",
+            default=None,
+            help="run the node agents from this OCI image with podman (scripts/build-image.sh)",
+        )
         if name == "demo":
             p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     lab_sub.add_parser("status", help="labs, agents, enrolled pods, connections")

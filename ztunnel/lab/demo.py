@@ -10,6 +10,7 @@ from typing import Any
 
 from ztunnel.lab import runner
 from ztunnel.lab import topology as topo
+from ztunnel.lab.image import ImageOptions
 from ztunnel.lab.topology import LabError, Topology
 
 
@@ -127,15 +128,20 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(nodes: int = 2, pods: int = 3, keep: bool = False) -> int:
+def main(
+    nodes: int = 2, pods: int = 3, keep: bool = False, image: ImageOptions | None = None
+) -> int:
     def progress(msg: str) -> None:
         print(f"  .. {msg}", flush=True)
 
     if nodes < 2 or pods < 3:
         raise LabError("the demo needs at least 2 nodes and 3 pods per node")
     t0 = time.monotonic()
-    print("ztunnel lab demo: node agents with eBPF capture in network namespaces")
-    t = runner.up(nodes, pods, progress)
+    print(
+        "ztunnel lab demo: node agents with eBPF capture in network namespaces"
+        + (f", from image {image.image} (podman)" if image else "")
+    )
+    t = runner.up(nodes, pods, progress, image)
     try:
         print(
             f"  lab {t.lab_id} up in {time.monotonic() - t0:.1f}s: "
