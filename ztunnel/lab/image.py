@@ -146,6 +146,12 @@ def agent_command(
         "--network",
         f"ns:{topo.NETNS_DIR / node.netns}",
         "--read-only",  # with a tmpfs on /tmp, /var/tmp and /run (podman's --read-only-tmpfs)
+        "--security-opt",
+        "no-new-privileges",  # allowPrivilegeEscalation: false
+        # As in the DaemonSet, the metrics and readiness listeners are reachable at the node's
+        # address (by the kubelet, by Prometheus), not only on loopback.
+        "--env",
+        "ZTUNNEL_STATUS_ADDRESS=0.0.0.0",
         "--volume",
         f"{state}:{state}",
         "--volume",
