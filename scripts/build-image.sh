@@ -8,10 +8,12 @@
 # podman runs with deploy/image/containers.conf (runc, cgroupfs, the hosts' ulimits), never a
 # global configuration. Needs root (mmdebstrap, rootful podman).
 #
-#   scripts/build-image.sh [--tag IMAGE] [--base IMAGE] [--rebuild-base] [--save FILE.tar]
+#   scripts/build-image.sh [--tag IMAGE] [--base IMAGE] [--rebuild-base] [--base-only]
+#                          [--save FILE.tar]
 #     --tag IMAGE      name of the result (default localhost/ztunnel-py:<version>)
 #     --base IMAGE     build on this image instead (e.g. docker.io/library/debian:bookworm-slim)
 #     --rebuild-base   make the mmdebstrap base again even if it exists
+#     --base-only      only make (or keep) the base (the Vagrant provisioning check uses it)
 #     --save FILE      also write an OCI archive for `kind load image-archive`, `ctr images import`
 # Environment: ZTUNNEL_DEBIAN_MIRROR (default http://deb.debian.org/debian).
 set -euo pipefail
@@ -24,14 +26,16 @@ TAG="localhost/ztunnel-py:$VERSION"
 BASE=""
 BASE_LOCAL="localhost/ztunnel-py-base:bookworm"
 REBUILD_BASE=0
+BASE_ONLY=0
 SAVE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tag) TAG=$2; shift 2 ;;
     --base) BASE=$2; shift 2 ;;
     --rebuild-base) REBUILD_BASE=1; shift ;;
+    --base-only) BASE_ONLY=1; shift ;;
     --save) SAVE=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "build-image: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -57,7 +61,13 @@ if [ -z "$BASE" ]; then
     SECURITY=${MIRROR%/debian}/debian-security
     step "making the base $BASE with mmdebstrap (Debian 12, $MIRROR)"
     # A plain Debian system with apt (the same base as the Vagrant box), streamed into podman.
+    # No manuals, docs or translations (as Debian's slim images): smaller, same behaviour.
     mmdebstrap --quiet --variant=apt --include=ca-certificates \
+      --dpkgopt='path-exclude=/usr/share/man/*' \
+      --dpkgopt='path-exclude=/usr/share/doc/*' \
+      --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+      --dpkgopt='path-exclude=/usr/share/locale/*' \
+      --dpkgopt='path-exclude=/usr/share/info/*' \
       bookworm - \
       "deb $MIRROR bookworm main" \
       "deb $MIRROR bookworm-updates main" \
@@ -67,6 +77,10 @@ if [ -z "$BASE" ]; then
   PULL=never
 else
   PULL=missing
+fi
+if [ "$BASE_ONLY" = 1 ]; then
+  echo "$BASE"
+  exit 0
 fi
 
 # 2. The wheelhouse: the project's runtime dependencies (and its build backend), as wheels for
@@ -81,15 +95,21 @@ step "downloading wheels into ${WHEELS#"$ROOT"/}"
 import tomllib
 with open("pyproject.toml", "rb") as f:
     project = tomllib.load(f)
-print("\n".join([*project["project"]["dependencies"], *project["build-system"]["requires"]]))
+build = project["build-system"]["requires"]
+print("\n".join([*project["project"]["dependencies"], *build, "pip"]))
 PYEOF
+# (the filter drops notes about this machine's extra local package indexes)
 "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: \
-  --dest "$WHEELS" -r "$ROOT/build/image/requirements.txt"
+  --dest "$WHEELS" -r "$ROOT/build/image/requirements.txt" 2>&1 |
+  { grep -v "^WARNING: Location .* is ignored" || true; } >&2
 
 # 3. The image.
 step "building $TAG on $BASE"
 podman build --quiet --pull="$PULL" --network host --build-arg "BASE=$BASE" \
   -f deploy/image/Containerfile -t "$TAG" . >/dev/null
+# The build stage's image is only a step: remove it (the runtime stage stays as a cache).
+podman images --quiet --filter dangling=true --filter label=ztunnel-py.stage=build |
+  xargs --no-run-if-empty podman rmi --force >/dev/null 2>&1 || true
 size=$(podman image inspect --format '{{.Size}}' "$TAG")
 step "built $TAG ($((size / 1024 / 1024)) MiB)"
 if [ -n "$SAVE" ]; then

@@ -4,9 +4,10 @@
 `podman run --network ns:/run/netns/<node> IMAGE ztunnel run ...` instead of
 `ip netns exec <node> python -m ztunnel run ...`; the topology, pods, enrolment and what the
 demo observes are the same code. The container gets what the DaemonSet gives the agent
-(deploy/base): the capabilities in `AGENT_CAPABILITIES` (not --privileged), a read-only root
-file system with a /tmp, bpffs, the host's kernel headers read-only, and the lab's state
-directory (mesh file, CA, enrolment socket) at the same path as on the host.
+(deploy/base): the capabilities in `AGENT_CAPABILITIES` (not --privileged) under the default
+seccomp profile, a read-only root file system with a /tmp, bpffs, the host's kernel headers
+read-only, and the lab's state directory (mesh file, CA, enrolment socket) at the same path as
+on the host.
 
 The choice is kept per lab in `<lab dir>/image.json`, so a restarted agent (tests, `lab up`
 then `lab down`) runs the same way. podman uses deploy/image/containers.conf.
@@ -28,12 +29,13 @@ from ztunnel.lab import topology as topo
 from ztunnel.lab.topology import LabError, NodeSpec
 
 # What the agent container is granted, in the DaemonSet (deploy/base/daemonset.yaml; tests/deploy
-# checks they agree) and here, so the lab proves the set suffices. NET_ADMIN: tc filters, rules,
-# routes, IP_TRANSPARENT, sockmap. BPF: maps, programs, pins. PERFMON: the verifier refuses our
-# packet-pointer arithmetic without it ("pointer arithmetic prohibited for !root"). Kernels
-# before 5.11 also charge BPF memory to RLIMIT_MEMLOCK (add SYS_RESOURCE); before 5.8 there is
-# no CAP_BPF (SYS_ADMIN instead).
-AGENT_CAPABILITIES = ("NET_ADMIN", "BPF", "PERFMON")
+# checks they agree) and here, so the lab proves the set suffices (restarts included), under the
+# runtime's default seccomp profile. NET_ADMIN: tc filters, rules, routes, IP_TRANSPARENT,
+# sockmap. SYS_ADMIN: bcc reuses pinned maps after a restart through BPF_MAP_GET_FD_BY_ID,
+# which the kernel allows only with CAP_SYS_ADMIN (BPF + PERFMON, enough for a first start, fail
+# there with EPERM); it also covers bpf_capable()/perfmon_capable() (program loading, the
+# verifier's pointer rules) and is what the default seccomp profiles require for bpf().
+AGENT_CAPABILITIES = ("NET_ADMIN", "SYS_ADMIN")
 LABEL = "ztunnel-lab"
 HOST_HEADER_DIRS = ("/lib/modules", "/usr/src")
 PODMAN_TIMEOUT = 60.0
@@ -146,8 +148,6 @@ def agent_command(
         "--network",
         f"ns:{topo.NETNS_DIR / node.netns}",
         "--read-only",  # with a tmpfs on /tmp, /var/tmp and /run (podman's --read-only-tmpfs)
-        "--security-opt",
-        "no-new-privileges",  # allowPrivilegeEscalation: false
         # As in the DaemonSet, the metrics and readiness listeners are reachable at the node's
         # address (by the kubelet, by Prometheus), not only on loopback.
         "--env",
@@ -160,10 +160,8 @@ def agent_command(
     if options.privileged:
         argv.append("--privileged")
     else:
-        # The runtimes' default seccomp profiles allow bpf() only with CAP_SYS_ADMIN; the
-        # DaemonSet sets seccompProfile Unconfined rather than granting SYS_ADMIN, and so here.
+        # podman's default seccomp profile stands for the DaemonSet's RuntimeDefault.
         argv += ["--cap-drop", "all", "--cap-add", ",".join(AGENT_CAPABILITIES)]
-        argv += ["--security-opt", "seccomp=unconfined"]
     if node.name in options.kheaders_nodes:
         archive = "/run/ztunnel-kheaders.tar.xz"
         argv += [
