@@ -107,6 +107,10 @@ def _lab(args: argparse.Namespace) -> int:
             return 0
         if args.lab_command == "demo":
             return demo.main(args.nodes, args.pods, args.keep, image)
+        if args.lab_command == "machine":
+            from ztunnel.lab import machine_cli
+
+            return machine_cli.main(args)
         if args.lab_command == "status":
             return runner.print_status()
         if args.lab_command == "down":
@@ -172,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "demo":
             p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     lab_sub.add_parser("status", help="labs, agents, enrolled pods, connections")
+    from ztunnel.lab import machine_cli
+
+    machine_cli.add_parser(lab_sub)
     down = lab_sub.add_parser("down", help="remove labs (all, also leftovers of killed runs)")
     down.add_argument("--lab", default=None, help="only this lab id")
     lab.set_defaults(func=_lab)

@@ -77,9 +77,12 @@ def _call(t: Topology, f: Flow, marker: str) -> dict[str, Any]:
     return runner.call_from(netns, f.dst_ip, f.port, marker)
 
 
-def run(t: Topology, progress: runner.Progress) -> list[list[str]]:
+def run(
+    t: Topology, progress: runner.Progress, flow_list: list[Flow] | None = None
+) -> list[list[str]]:
+    """Sends each flow (default: `flows(t)`) and returns one summary row per flow."""
     rows = []
-    fl = flows(t)
+    fl = flows(t) if flow_list is None else flow_list
     for i, f in enumerate(fl, 1):
         progress(f"flow {i}/{len(fl)}: {f.name}")
         offsets = {n.name: runner.access_lines(t, n)[1] for n in t.nodes}
