@@ -60,9 +60,10 @@ if [ -z "$BASE" ]; then
     MIRROR=${ZTUNNEL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
     SECURITY=${MIRROR%/debian}/debian-security
     step "making the base $BASE with mmdebstrap (Debian 12, $MIRROR)"
-    # A plain Debian system with apt (the same base as the Vagrant box), streamed into podman.
+    # A minimal Debian system (required packages and apt: what every Debian install has,
+    # the Vagrant box too), streamed into podman.
     # No manuals, docs or translations (as Debian's slim images): smaller, same behaviour.
-    mmdebstrap --quiet --variant=apt --include=ca-certificates \
+    mmdebstrap --quiet --variant=minbase --include=ca-certificates \
       --dpkgopt='path-exclude=/usr/share/man/*' \
       --dpkgopt='path-exclude=/usr/share/doc/*' \
       --dpkgopt='path-include=/usr/share/doc/*/copyright' \

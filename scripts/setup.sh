@@ -15,8 +15,12 @@ pkgs=(
   python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2   # eBPF capture (bcc) and netlink
   stunnel4 iperf3 tcpdump nftables                         # benchmark peers, captures, tproxy
   nodejs                                                   # HTTP/2 interop peer (nghttp2)
+  python3-venv                                             # the venv on a plain Debian (lab VM)
+  podman runc buildah mmdebstrap                           # the OCI image: offline build, image lab
 )
-pkgs_norec=()
+pkgs_norec=(
+  vagrant                                                  # Vagrantfile validation (no provider)
+)
 APT_LOCK=(-o DPkg::Lock::Timeout=600)
 missing() { for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done; }
 mapfile -t need < <(missing "${pkgs[@]}")

@@ -23,7 +23,8 @@ from ztunnel.lab import image as lab_image
 from ztunnel.lab import topology as topo
 from ztunnel.lab.topology import Topology
 
-pytestmark = [pytest.mark.image, pytest.mark.lab]
+# The first test also builds the image (podman.BUILD_TIMEOUT).
+pytestmark = [pytest.mark.image, pytest.mark.lab, pytest.mark.timeout(1500)]
 
 CAPS = {"NET_ADMIN": 12, "SYS_ADMIN": 21}  # include/uapi/linux/capability.h
 RELEASE = os.uname().release
