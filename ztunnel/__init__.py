@@ -5,7 +5,10 @@ Where things are, bottom to top:
   snapshot), `localconfig` (the YAML mesh-state file), `config` (agent settings), `authz`
   (L4 authorization), `hbone.protocol`/`hbone.headers` (HTTP/2 CONNECT), `proxy.routing`.
 - certificates: `ca` (built-in CA), `certs` (certificate sources, cache and renewal),
-  `hbone.tls` (TLS contexts and SPIFFE peer checks).
+  `istioca` (Istio's CA as a certificate source), `hbone.tls` (TLS contexts and SPIFFE
+  peer checks).
+- istiod: `xds` (delta xDS: proto conversion and the ADS state machine without I/O, the grpcio
+  client, generated protobuf code in `xds.gen`).
 - I/O: `hbone.connection`/`hbone.pool`/`hbone.server` (HBONE over asyncio), `proxy.*`
   (outbound, inbound, SOCKS5, relay), `capture` (eBPF via bcc + pyroute2).
 - composition root and commands: `app` (the Agent), `cli`, `demo`, `lab`.

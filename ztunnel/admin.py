@@ -35,7 +35,7 @@ from ztunnel.certs import CertificateManager
 from ztunnel.config import Settings
 from ztunnel.errors import ConfigError, ZtunnelError
 from ztunnel.identity import SpiffeId
-from ztunnel.model import Workload
+from ztunnel.model import TunnelProtocol, Workload
 from ztunnel.proxy.records import ConnectionRecord, ConnectionTracker
 from ztunnel.state import WorkloadStore
 from ztunnel.telemetry import agent_version
@@ -349,8 +349,19 @@ class ListenerView(Protocol):
     def address(self) -> tuple[str, int]: ...
 
 
+class ControlPlaneView(Protocol):
+    """istiod as the endpoints see it (ztunnel.xds.control.ControlPlane)."""
+
+    def pending(self) -> list[str]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class AgentView(Protocol):
     """The parts of the Agent (ztunnel.app) that the endpoints read or trigger."""
+
+    @property
+    def istiod(self) -> ControlPlaneView | None: ...
 
     @property
     def settings(self) -> Settings: ...
@@ -446,9 +457,14 @@ def readiness_pending(agent: AgentView) -> list[str]:
     out: list[str] = []
     if not agent.store.loaded:
         out.append("mesh state: not loaded yet")
+    if agent.istiod is not None:
+        out.extend(agent.istiod.pending())
     errors = {c["identity"]: c.get("last_error") for c in agent.certs.snapshot()}
+    # Certificates of the local workloads that speak HBONE (the ones that need one).
     identities = {
-        wl.identity for wl in agent.store.current.local_workloads(agent.settings.node_name)
+        wl.identity
+        for wl in agent.store.current.local_workloads(agent.settings.node_name)
+        if wl.protocol is TunnelProtocol.HBONE
     }
     for ident in sorted(identities):
         if agent.certs.cached(ident) is None:
@@ -474,7 +490,7 @@ def config_dump(agent: AgentView) -> dict[str, Any]:
         "trust_domain": s.trust_domain,
         "cluster_id": s.cluster_id,
         "mesh_state": {
-            "source": s.local_xds_path,
+            "source": s.local_xds_path or f"istiod {s.xds_address}",
             "loaded": agent.store.loaded,
             "last_error": agent.store.last_error,
         },
@@ -484,6 +500,7 @@ def config_dump(agent: AgentView) -> dict[str, Any]:
         "services": [jsonable(svc) for svc in state.services],
         "policies": [jsonable(p) for p in state.policies],
         "certificates": agent.certs.snapshot(),
+        "istiod": agent.istiod.status() if agent.istiod is not None else None,
         "listeners": [
             {"kind": lst.kind, "address": _hostport(*lst.address)}
             for _, lst in sorted(agent.listeners.items())
@@ -509,7 +526,7 @@ def admin_routes(agent: AgentView) -> dict[str, Route]:
             200,
             "ztunnel admin\n"
             "  GET  /config_dump      workloads, services, policies, certificates, "
-            "listeners, connections\n"
+            "istiod (xDS, CA), listeners, connections\n"
             "  GET  /logging          the log level; POST /logging?level=LEVEL "
             "changes it\n"
             "  GET  /authz/check?from=X&to=IP:PORT   explain an authorization decision\n"

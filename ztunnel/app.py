@@ -29,7 +29,7 @@ from ztunnel.hbone.server import HboneServer
 from ztunnel.hbone.tls import ContextCache
 from ztunnel.identity import SpiffeId
 from ztunnel.localconfig import fingerprint, load_mesh_state
-from ztunnel.model import IPAddress
+from ztunnel.model import IPAddress, TunnelProtocol
 from ztunnel.proxy.authorization import PolicyEnforcer, explain_check
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.inbound import InboundProxy
@@ -43,6 +43,7 @@ from ztunnel.telemetry import Telemetry, combine
 
 if TYPE_CHECKING:
     from ztunnel.kernel_capture import KernelCapture
+    from ztunnel.xds.control import ControlPlane
 
 log = logging.getLogger("ztunnel")
 
@@ -88,12 +89,19 @@ class Agent:
         self.telemetry = Telemetry(self.registry)
         self.tracker = ConnectionTracker(combine(self.telemetry, parts.observer))
         self.http = HttpEndpoints(self, self.registry)
+        # istiod (xDS) and/or its CA, when configured (ztunnel.xds.control).
+        self.istiod: ControlPlane | None = None
+        if settings.xds_address or settings.ca_address:
+            from ztunnel.xds.control import ControlPlane
+
+            self.istiod = ControlPlane(settings, self.store, self.registry)
         source = parts.certificate_source or self._certificate_source()
         self.certs = CertificateManager(source)
         self.contexts = ContextCache(settings.allow_tls12)
         self._parts = parts
         self.listeners: dict[tuple[str, str], Listener] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._prefetching: set[SpiffeId] = set()
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.draining = False
@@ -105,6 +113,8 @@ class Agent:
 
     def _certificate_source(self) -> CertificateSource:
         s = self.settings
+        if self.istiod is not None and self.istiod.ca is not None:
+            return self.istiod.ca
         try:
             ca = CertificateAuthority.load(s.ca_dir)
         except ZtunnelError as e:
@@ -121,7 +131,10 @@ class Agent:
     # ---- state ----
 
     def load_state(self) -> None:
-        """Initial load; a bad file raises ConfigError (the CLI exits non-zero)."""
+        """Initial load; a bad file raises ConfigError (the CLI exits non-zero). With istiod
+        the state arrives over xDS after start (readiness waits for it)."""
+        if not self.settings.local_xds_path:
+            return
         state = load_mesh_state(self.settings.local_xds_path)
         self._replace_state(state)
 
@@ -216,10 +229,12 @@ class Agent:
             self.ctx.node_ip = ipaddress.ip_address(s.node_ip)
             self.ctx.local_dial_mark = TPROXY_LOCAL_MARK
         self._sync_listeners()
-        self._spawn(self._watch_file(), "mesh-state-watch")
-        # Issue local workloads' certificates up front so the first connection is fast.
-        for wl in self.store.current.local_workloads(s.node_name):
-            self._spawn(self._prefetch(wl.identity), f"cert-prefetch {wl.identity}")
+        if s.local_xds_path:
+            self._spawn(self._watch_file(), "mesh-state-watch")
+        if self.istiod is not None:
+            self._spawn(self.istiod.run(), "istiod")
+        self.store.subscribe(lambda old, new: self._sync_certificates())
+        self._sync_certificates()
         log.info(
             "agent %s up: %d local workloads, listeners: %s",
             s.node_name,
@@ -240,11 +255,27 @@ class Agent:
             {k: self.listeners[(k, "0.0.0.0")].sock for k in ("outbound", "inbound", "hbone")}
         )
 
+    def _sync_certificates(self) -> None:
+        """Issue local HBONE workloads' certificates up front so the first connection is fast
+        (istio/ztunnel prefetches the same set); forget identities that left the node."""
+        wanted = self._wanted_identities()
+        for ident in self.certs.retain(wanted):
+            log.info("forgot the certificate of %s: no local workload uses it now", ident)
+        for ident in sorted(wanted - self._prefetching):
+            self._prefetching.add(ident)
+            self._spawn(self._prefetch(ident), f"cert-prefetch {ident}")
+
     async def _prefetch(self, ident: SpiffeId) -> None:
         """Issue a local workload's certificate before the first connection needs it; retry
         with backoff on failure (readiness reports it pending meanwhile)."""
+        try:
+            await self._prefetch_loop(ident)
+        finally:
+            self._prefetching.discard(ident)
+
+    async def _prefetch_loop(self, ident: SpiffeId) -> None:
         failures = 0
-        while not self.draining:
+        while not self.draining and ident in self._wanted_identities():
             try:
                 await self.certs.get(ident)
                 return
@@ -255,6 +286,13 @@ class Agent:
                     "certificate for %s not available (retry in %.1fs): %s", ident, delay, e
                 )
                 await asyncio.sleep(delay)
+
+    def _wanted_identities(self) -> set[SpiffeId]:
+        return {
+            wl.identity
+            for wl in self.store.current.local_workloads(self.settings.node_name)
+            if wl.protocol is TunnelProtocol.HBONE
+        }
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         task = asyncio.ensure_future(coro)
@@ -300,6 +338,9 @@ class Agent:
         lst = self.listeners.pop(key)
         if lst.server is not None:
             lst.server.close()
+        if lst.kind == "hbone" and not self.draining:
+            # Its accept loop must end too, or the address stays taken (workload churn).
+            self.hbone.stop_serving(lst.sock)
         with contextlib.suppress(OSError):
             lst.sock.close()
 
@@ -398,6 +439,8 @@ class Agent:
             t.cancel()
         await asyncio.gather(*others, return_exceptions=True)
         await self.certs.close()
+        if self.istiod is not None:
+            await self.istiod.close()
         if self.kernel is not None:
             await self.kernel.close()
         # Last: readiness kept answering 500 and metrics stayed scrapable during the drain.

@@ -1,8 +1,10 @@
 """Where workload certificates come from, and the cache that keeps them fresh.
 
-`CertificateSource` is the seam: the built-in CA (`LocalCaSource`) now, Istio's CA over gRPC
-later. `CertificateManager` issues on demand (single-flight per identity), renews at half-life
-and backs off exponentially on failure while the still-valid certificate stays in use.
+`CertificateSource` is the seam: the built-in CA (`LocalCaSource`) or Istio's CA over gRPC
+(`ztunnel.istioca`). `CertificateManager` issues on demand (single-flight per identity), renews
+at half-life and backs off exponentially on failure while the still-valid certificate stays in
+use; identities that are no longer wanted are forgotten (`retain`), and a source whose trust
+roots change (`TrustBundleSource`) has them applied to every held certificate at once.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
 
 from ztunnel.ca import CertificateAuthority, IssuedCertificate
 from ztunnel.errors import CertificateError, ZtunnelError
@@ -29,6 +31,14 @@ class CertificateSource(Protocol):
     """Anything that can produce a certificate for an identity."""
 
     async def fetch(self, identity: SpiffeId) -> IssuedCertificate: ...
+
+
+@runtime_checkable
+class TrustBundleSource(Protocol):
+    """A source whose trust roots can change between certificates (root rotation): it calls
+    back with the whole current bundle whenever it changes."""
+
+    def watch_roots(self, callback: Callable[[tuple[bytes, ...]], None]) -> None: ...
 
 
 class LocalCaSource:
@@ -77,6 +87,8 @@ class CertificateManager:
         self._rng = rng or random.Random()
         self._entries: dict[SpiffeId, _Entry] = {}
         self._closed = False
+        if isinstance(source, TrustBundleSource):
+            source.watch_roots(self.update_roots)
 
     def cached(self, identity: SpiffeId) -> IssuedCertificate | None:
         entry = self._entries.get(identity)
@@ -108,7 +120,8 @@ class CertificateManager:
                     pending.exception()  # mark retrieved: waiters may not exist
                 raise
             entry.pending = None
-            self._store(identity, entry, cert)
+            if self._entries.get(identity) is entry:  # not forgotten meanwhile
+                self._store(identity, entry, cert)
             pending.set_result(cert)
             return cert
         return await asyncio.shield(entry.pending)
@@ -132,6 +145,29 @@ class CertificateManager:
                 self._renew_loop(identity, entry), name=f"cert-renew:{identity}"
             )
 
+    def update_roots(self, roots: tuple[bytes, ...]) -> None:
+        """Trust `roots` with every held certificate now, not only after its next renewal: a
+        peer signed by a new root verifies at once, one signed by a retired root stops."""
+        for entry in self._entries.values():
+            if entry.cert is not None and entry.cert.roots_pem != roots:
+                entry.cert = replace(entry.cert, roots_pem=roots)
+                for cb in list(entry.listeners):
+                    cb(entry.cert)
+
+    def forget(self, identity: SpiffeId) -> None:
+        """Drop an identity's certificate and stop renewing it (its workloads left the node).
+        A fetch in flight still answers its waiters."""
+        entry = self._entries.pop(identity, None)
+        if entry is not None and entry.renewer is not None:
+            entry.renewer.cancel()
+
+    def retain(self, wanted: set[SpiffeId]) -> list[SpiffeId]:
+        """Forget every identity not in `wanted`; returns the forgotten ones."""
+        gone = [ident for ident in self._entries if ident not in wanted]
+        for ident in gone:
+            self.forget(ident)
+        return gone
+
     def renew_at(self, cert: IssuedCertificate) -> dt.datetime:
         """Half-life, as Istio does."""
         return cert.not_before + (cert.not_after - cert.not_before) / 2
@@ -154,7 +190,7 @@ class CertificateManager:
         return remaining / 2 if aged_again else 0.0
 
     async def _renew_loop(self, identity: SpiffeId, entry: _Entry) -> None:
-        while not self._closed:
+        while not self._closed and self._entries.get(identity) is entry:
             assert entry.cert is not None
             if entry.failures:
                 delay = self.backoff(entry.failures)
@@ -173,6 +209,8 @@ class CertificateManager:
                     e,
                 )
                 continue
+            if self._entries.get(identity) is not entry:
+                return
             self._store(identity, entry, cert)
             entry.aged = self.renewal_delay(cert) <= 0
             log.info("renewed certificate for %s, valid until %s", identity, cert.not_after)

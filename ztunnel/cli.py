@@ -99,14 +99,20 @@ def _lab(args: argparse.Namespace) -> int:
     try:
         image = ImageOptions(args.image) if getattr(args, "image", None) else None
         if args.lab_command == "up":
-            t = runner.up(args.nodes, args.pods, lambda m: print(f"  .. {m}", flush=True), image)
+            t = runner.up(
+                args.nodes,
+                args.pods,
+                lambda m: print(f"  .. {m}", flush=True),
+                istiod=args.istiod,
+                image=image,
+            )
             print(
                 f"lab {t.lab_id} is up; `ztunnel lab status` shows it, `ztunnel lab down` "
                 "removes it"
             )
             return 0
         if args.lab_command == "demo":
-            return demo.main(args.nodes, args.pods, args.keep, image)
+            return demo.main(args.nodes, args.pods, args.keep, args.istiod, image)
         if args.lab_command == "machine":
             from ztunnel.lab import machine_cli
 
@@ -175,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "demo":
             p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+        p.add_argument(
+            "--istiod",
+            action="store_true",
+            help="agents take mesh state and certificates from a test istiod (delta xDS + CA) "
+            "running in the lab network, instead of the file",
+        )
     lab_sub.add_parser("status", help="labs, agents, enrolled pods, connections")
     from ztunnel.lab import machine_cli
 

@@ -23,6 +23,16 @@ class Settings:
     xds_address: str = ""
     ca_address: str = ""
     ca_dir: str = ""
+    # istiod and its CA (ztunnel.xds.config reads these; names and defaults as Istio's ztunnel)
+    xds_root_ca: str = "./var/run/secrets/istio/root-cert.pem"
+    ca_root_ca: str = "./var/run/secrets/istio/root-cert.pem"
+    auth_token: str = ""
+    alt_xds_hostname: str = ""
+    alt_ca_hostname: str = ""
+    secret_ttl: str = "24h"
+    pod_name: str = ""
+    pod_namespace: str = ""
+    instance_ip: str = ""
     capture: str = "none"  # none | ebpf | tproxy
     outbound_port: int = 15001
     inbound_plaintext_port: int = 15006
@@ -65,21 +75,76 @@ _SPEC: list[tuple[str, str, str, str]] = [
         "this agent's node; workloads with this node are local",
     ),
     ("trust_domain", "--trust-domain", "TRUST_DOMAIN", "SPIFFE trust domain of the mesh"),
-    ("cluster_id", "--cluster-id", "CLUSTER_ID", "cluster id (telemetry, CA requests)"),
+    (
+        "cluster_id",
+        "--cluster-id",
+        "CLUSTER_ID",
+        "cluster id (telemetry, istiod and CA requests; ISTIO_META_CLUSTER_ID wins)",
+    ),
     (
         "local_xds_path",
         "--local-xds",
         "LOCAL_XDS_PATH",
         "mesh state file or directory (YAML), reloaded on change",
     ),
-    ("xds_address", "--xds-address", "XDS_ADDRESS", "istiod xDS address (not supported yet)"),
-    ("ca_address", "--ca-address", "CA_ADDRESS", "Istio CA address (not supported yet)"),
+    (
+        "xds_address",
+        "--xds-address",
+        "XDS_ADDRESS",
+        "istiod's delta xDS address (https://HOST:PORT; port 15012 by default)",
+    ),
+    (
+        "ca_address",
+        "--ca-address",
+        "CA_ADDRESS",
+        "Istio CA address for workload certificates (https://HOST:PORT)",
+    ),
     (
         "ca_dir",
         "--ca-dir",
         "ZTUNNEL_CA_DIR",
         "act as our own CA with the cacerts in this directory",
     ),
+    (
+        "xds_root_ca",
+        "--xds-root-ca",
+        "XDS_ROOT_CA",
+        "root certificate istiod's serving certificate must chain to: a file, PEM text, or SYSTEM",
+    ),
+    (
+        "ca_root_ca",
+        "--ca-root-ca",
+        "CA_ROOT_CA",
+        "root certificate of the CA's serving certificate: a file, PEM text, or SYSTEM",
+    ),
+    (
+        "auth_token",
+        "--auth-token",
+        "AUTH_TOKEN",
+        "service-account token for istiod: a file (re-read when it changes) or the token itself; "
+        "default ./var/run/secrets/tokens/istio-token when it exists",
+    ),
+    (
+        "alt_xds_hostname",
+        "--alt-xds-hostname",
+        "ALT_XDS_HOSTNAME",
+        "name to verify istiod's certificate against instead of the address' host",
+    ),
+    (
+        "alt_ca_hostname",
+        "--alt-ca-hostname",
+        "ALT_CA_HOSTNAME",
+        "name to verify the CA's certificate against instead of the address' host",
+    ),
+    (
+        "secret_ttl",
+        "--secret-ttl",
+        "SECRET_TTL",
+        "requested workload certificate lifetime (e.g. 24h, 90m, 3600s)",
+    ),
+    ("pod_name", "--pod-name", "POD_NAME", "this agent's pod name (xDS node id)"),
+    ("pod_namespace", "--pod-namespace", "POD_NAMESPACE", "this agent's namespace (xDS node id)"),
+    ("instance_ip", "--instance-ip", "INSTANCE_IP", "this agent's pod IP (xDS node id)"),
     (
         "capture",
         "--capture",
@@ -185,6 +250,10 @@ _SPEC: list[tuple[str, str, str, str]] = [
     ),
 ]
 
+# Further environment variables for a setting, tried before the main one (Istio's ztunnel
+# prefers ISTIO_META_CLUSTER_ID over CLUSTER_ID).
+_ENV_FIRST: dict[str, tuple[str, ...]] = {"cluster_id": ("ISTIO_META_CLUSTER_ID",)}
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -238,8 +307,9 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         kind = type(getattr(defaults, name))
         raw = getattr(args, name, None)
         where = flag
-        if raw is None and env in environ:
-            raw, where = environ[env], f"environment variable {env}"
+        for name_env in (*_ENV_FIRST.get(name, ()), env):
+            if raw is None and name_env in environ:
+                raw, where = environ[name_env], f"environment variable {name_env}"
         if raw is None:
             continue
         values[name] = _convert(name, str(raw), kind, where)
@@ -298,24 +368,33 @@ def validate(s: Settings) -> None:
             raise ConfigError("settings", "node_ip", f"not an IP address: {s.node_ip!r}") from None
     if not s.local_xds_path and not s.xds_address:
         raise ConfigError(
-            "settings", "local_xds_path", "no mesh state: give --local-xds FILE (LOCAL_XDS_PATH)"
+            "settings",
+            "local_xds_path",
+            "no mesh state: give --local-xds FILE (LOCAL_XDS_PATH) or --xds-address "
+            "(XDS_ADDRESS) of istiod",
         )
-    if s.xds_address and not s.local_xds_path:
+    if s.local_xds_path and s.xds_address:
         raise ConfigError(
-            "settings", "xds_address", "istiod xDS is not supported yet; use --local-xds FILE"
+            "settings",
+            "xds_address",
+            "give either istiod (--xds-address) or a mesh state file (--local-xds), not both",
         )
-    if not s.ca_dir:
-        if s.ca_address:
-            raise ConfigError(
-                "settings",
-                "ca_address",
-                "the Istio CA client is not supported yet; use --ca-dir DIR",
-            )
+    if s.ca_dir and s.ca_address:
+        raise ConfigError(
+            "settings",
+            "ca_address",
+            "give either the Istio CA (--ca-address) or a local CA (--ca-dir), not both",
+        )
+    if not s.ca_dir and not s.ca_address:
         raise ConfigError(
             "settings",
             "ca_dir",
-            "no certificate source: give --ca-dir DIR (ztunnel ca init --dir DIR)",
+            "no certificate source: give --ca-address (CA_ADDRESS) of the Istio CA, or "
+            "--ca-dir DIR (ztunnel ca init --dir DIR)",
         )
+    from ztunnel.xds.config import validate_istiod_settings  # the istiod-specific fields
+
+    validate_istiod_settings(s)
     for name in ("connect_timeout", "drain_timeout", "pool_idle_timeout", "reload_interval"):
         if getattr(s, name) <= 0:
             raise ConfigError("settings", name, "must be positive")

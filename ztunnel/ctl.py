@@ -151,6 +151,32 @@ def _policies(dump: dict[str, Any]) -> list[dict[str, Any]]:
     return [p if isinstance(p, dict) else {"name": str(p)} for p in dump.get("policies", [])]
 
 
+def _xds(dump: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per xDS resource type, with the connection to istiod on each."""
+    xds = (dump.get("istiod") or {}).get("xds")
+    if not isinstance(xds, dict):
+        return []
+    conn = {
+        "address": xds.get("address"),
+        "connected_since": xds.get("connected_since") or "disconnected",
+        "last_error": xds.get("last_error"),
+    }
+    rows = []
+    for t in xds.get("types", []):
+        nack = t.get("last_nack") or {}
+        ack = t.get("last_ack") or {}
+        rows.append(
+            {
+                **conn,
+                **t,
+                "type": str(t.get("type_url", "")).rsplit("/", 1)[-1],
+                "last_ack_at": ack.get("at"),
+                "last_nack_error": nack.get("error"),
+            }
+        )
+    return rows
+
+
 def _age(seconds: object) -> str:
     if not isinstance(seconds, int | float):
         return "-"
@@ -226,6 +252,23 @@ VIEWS: tuple[View, ...] = (
             ("STATE", _get("state")),
             ("NOT AFTER", _get("not_after")),
             ("RENEW AT", _get("renew_at")),
+            ("LAST ERROR", _get("last_error")),
+        ),
+    ),
+    View(
+        "xds",
+        "the xDS connection to istiod: state, resources, last ACK/NACK per type",
+        _xds,
+        (
+            ("ISTIOD", _get("address")),
+            ("CONNECTED SINCE", _get("connected_since")),
+            ("TYPE", _get("type")),
+            ("RESOURCES", _get("resources")),
+            ("SYNCED", lambda r: "yes" if r.get("synced") else "no"),
+            ("ACKS", _get("acks")),
+            ("NACKS", _get("nacks")),
+            ("LAST ACK", _get("last_ack_at")),
+            ("LAST NACK", _get("last_nack_error")),
             ("LAST ERROR", _get("last_error")),
         ),
     ),

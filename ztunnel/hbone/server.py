@@ -47,6 +47,7 @@ class HboneServer:
         self._accept_tasks: set[asyncio.Task[None]] = set()
         self._handshakes: set[asyncio.Task[None]] = set()
         self._sockets: list[socket.socket] = []
+        self._accepting: dict[int, asyncio.Task[None]] = {}  # id(socket) -> its accept task
         self.draining = False
 
     def serve(self, sock: socket.socket) -> None:
@@ -57,6 +58,18 @@ class HboneServer:
         name = f"hbone-accept {host}:{port}"
         task = asyncio.get_running_loop().create_task(self._accept_loop(sock), name=name)
         self._accept_tasks.add(task)
+        self._accepting[id(sock)] = task
+
+    def stop_serving(self, sock: socket.socket) -> None:
+        """Stop accepting on one socket and close it (its workload left the node); the
+        address can be listened on again at once."""
+        task = self._accepting.pop(id(sock), None)
+        if task is not None:
+            task.cancel()
+            self._accept_tasks.discard(task)
+        if sock in self._sockets:
+            self._sockets.remove(sock)
+        sock.close()
 
     async def _accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()

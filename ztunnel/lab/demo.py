@@ -132,7 +132,11 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def main(
-    nodes: int = 2, pods: int = 3, keep: bool = False, image: ImageOptions | None = None
+    nodes: int = 2,
+    pods: int = 3,
+    keep: bool = False,
+    istiod: bool = False,
+    image: ImageOptions | None = None,
 ) -> int:
     def progress(msg: str) -> None:
         print(f"  .. {msg}", flush=True)
@@ -142,9 +146,10 @@ def main(
     t0 = time.monotonic()
     print(
         "ztunnel lab demo: node agents with eBPF capture in network namespaces"
+        + (", state and certificates from a test istiod" if istiod else "")
         + (f", from image {image.image} (podman)" if image else "")
     )
-    t = runner.up(nodes, pods, progress, image)
+    t = runner.up(nodes, pods, progress, istiod=istiod, image=image)
     try:
         print(
             f"  lab {t.lab_id} up in {time.monotonic() - t0:.1f}s: "
@@ -157,6 +162,10 @@ def main(
                 f"{'enrolled' if r.enrolled else 'not enrolled'}"
             )
         rows = run(t, progress)
+        if istiod:
+            from ztunnel.lab import istiod_lab
+
+            rows.append(istiod_lab.demo_row(t, progress))
         print()
         print(
             table(

@@ -28,6 +28,7 @@ import yaml
 from ztunnel.ca import CertificateAuthority
 from ztunnel.enrolment import EnrolmentError, request
 from ztunnel.lab import image as lab_image
+from ztunnel.lab import istiod_lab
 from ztunnel.lab import topology as topo
 from ztunnel.lab.topology import LabError, NodeSpec, PodSpec, Topology
 
@@ -130,10 +131,11 @@ def agent_args(t: Topology, node: NodeSpec) -> list[str]:
         node.uplink_ifname,
         "--bpf-pin-dir",
         str(node.pin_dir),
-        "--local-xds",
-        str(d / "mesh.yaml"),
-        "--ca-dir",
-        str(d / "ca"),
+        # Mesh state and certificates: the file and the local CA, or the test istiod.
+        *(
+            istiod_lab.agent_args(t, node)
+            or ["--local-xds", str(d / "mesh.yaml"), "--ca-dir", str(d / "ca")]
+        ),
         "--enrolment-socket",
         str(nd / "ztunnel.sock"),
         "--state-dir",
@@ -307,9 +309,11 @@ def up(
     nodes: int = 2,
     pods: int = 3,
     progress: Progress = _quiet,
+    istiod: bool = False,
     image: lab_image.ImageOptions | None = None,
 ) -> Topology:
-    """Builds a lab and starts everything; agents run from `image` with podman when given."""
+    """Builds a lab and starts everything: the mesh state from a file or a test istiod, agents
+    from the venv or, given `image`, from the OCI image with podman."""
     if nodes < 1 or pods < 1:
         raise LabError("a lab needs at least one node and one pod per node")
     progress(f"creating {nodes} nodes x {pods} pods (network namespaces, veths, bridge)")
@@ -321,6 +325,9 @@ def up(
         (d / "mesh.yaml").write_text(yaml.safe_dump(mesh_state(t), sort_keys=False))
         if image is not None:
             lab_image.save(t.lab_id, image)
+        if istiod:
+            progress("starting the test istiod in the lab network (xDS + CA on :15012)")
+            istiod_lab.start(t)
         progress("starting applications in pods")
         for pod in t.pods():
             start_apps(t, pod)

@@ -227,6 +227,7 @@ class FakeAgent:
     listeners: dict[tuple[str, str], FakeListener] = field(default_factory=dict)
     draining: bool = False
     wanted: set[tuple[str, str]] = field(default_factory=set)
+    istiod: None = None
 
     def wanted_listeners(self) -> set[tuple[str, str]]:
         return self.wanted
