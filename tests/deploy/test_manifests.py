@@ -27,8 +27,8 @@ pytestmark = pytest.mark.unit
 OLDEST = (1, 30)
 # Custom resources: no schema in kubernetes-validate (checked field by field below instead).
 CRD_KINDS = {"Gateway"}
-# Downward-API variables Istio's pods carry; informational for the agent.
-INFORMATIONAL_ENV = {"POD_NAME", "POD_NAMESPACE", "SERVICE_ACCOUNT", "INSTANCE_IP"}
+# A downward-API variable Istio's pods carry; informational for the agent.
+INFORMATIONAL_ENV = {"SERVICE_ACCOUNT"}
 
 
 def claimed_versions() -> list[str]:
@@ -256,6 +256,31 @@ def test_standalone_agent_settings_are_accepted_by_ztunnel_run(
     assert mount(agent, "ztunnel-run")["mountPath"] == s.state_dir
 
 
+def test_istiod_agent_settings_are_accepted_by_ztunnel_run(
+    rendered: Callable[[str], Docs],
+) -> None:
+    pod = daemonset_pod(rendered("deploy/overlays/istiod"))
+    agent = container(pod, "ztunnel")
+    s = agent_settings(agent)
+    assert s.xds_address == s.ca_address == "https://istiod.istio-system.svc:15012"
+    assert not s.local_xds_path and not s.ca_dir
+    assert (
+        Path(s.xds_root_ca).parent
+        == Path(s.ca_root_ca).parent
+        == Path(mount(agent, "istiod-ca-cert")["mountPath"])
+    )
+    token = next(v for v in pod["volumes"] if v["name"] == "istio-token")
+    path = token["projected"]["sources"][0]["serviceAccountToken"]["path"]
+    assert s.auth_token == f"{mount(agent, 'istio-token')['mountPath']}/{path}"
+    # Node id and metadata for istiod come from the downward API.
+    assert (s.pod_name, s.pod_namespace, s.instance_ip) == (
+        "ztunnel-x1",
+        "istio-system",
+        "192.0.2.10",
+    )
+    assert s.node_name == "node-a"
+
+
 def test_istiod_overlay_points_at_istiod_and_its_root(rendered: Callable[[str], Docs]) -> None:
     docs = rendered("deploy/overlays/istiod")
     assert not [d for d in docs if d["kind"] == "Namespace"], "must not own istio-system"
@@ -265,7 +290,7 @@ def test_istiod_overlay_points_at_istiod_and_its_root(rendered: Callable[[str], 
     pod = daemonset_pod(docs)
     agent = container(pod, "ztunnel")
     env = {e["name"]: e.get("value") for e in agent["env"]}
-    assert env["XDS_ADDRESS"] == env["CA_ADDRESS"] == "istiod.istio-system.svc:15012"
+    assert env["XDS_ADDRESS"] == env["CA_ADDRESS"] == "https://istiod.istio-system.svc:15012"
     root = next(v for v in pod["volumes"] if v["name"] == "istiod-ca-cert")
     assert root["configMap"]["name"] == "istio-ca-root-cert"
     assert mount(agent, "istiod-ca-cert")["mountPath"] == "/var/run/secrets/istio"
