@@ -106,8 +106,19 @@ PYEOF
 
 # 3. The image.
 step "building $TAG on $BASE"
-podman build --quiet --pull="$PULL" --network host --build-arg "BASE=$BASE" \
-  -f deploy/image/Containerfile -t "$TAG" . >/dev/null
+# apt may take the .debs this machine has downloaded already, through an overlay: the host's
+# cache stays as it is and nothing of it lands in the image.
+CACHE=()
+if [ -d /var/cache/apt/archives ]; then
+  CACHE=(--volume /var/cache/apt/archives:/var/cache/apt/archives:O)
+fi
+LOG="$ROOT/build/image/build.log"
+if ! podman build --pull="$PULL" --network host --build-arg "BASE=$BASE" "${CACHE[@]}" \
+  -f deploy/image/Containerfile -t "$TAG" . >"$LOG" 2>&1; then
+  tail -n 40 "$LOG" >&2
+  echo "build-image: podman build failed; the whole log is $LOG" >&2
+  exit 1
+fi
 # The build stage's image is only a step: remove it (the runtime stage stays as a cache).
 podman images --quiet --filter dangling=true --filter label=ztunnel-py.stage=build |
   xargs --no-run-if-empty podman rmi --force >/dev/null 2>&1 || true

@@ -32,4 +32,4 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 "$app/.venv/bin/python" -m compileall -q "$app" -x '/\.venv/' >/dev/null
 # Smoke test: the command runs and bcc imports (bcc itself loads only in the BPF loader).
 "$app/.venv/bin/ztunnel" --help >/dev/null
-"$app/.venv/bin/python" -c 'import bcc'
+"$app/.venv/bin/python" -c 'import bcc, grpc, ztunnel.app, ztunnel.xds.client, ztunnel.istioca'
