@@ -116,16 +116,7 @@ def podman(
     args: Sequence[str], timeout: float = PODMAN_TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
     """Runs one podman command to completion; raises LabError when it fails."""
-    argv = ["podman", *args]
-    try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, check=False, env=podman_env()
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise LabError(f"{' '.join(argv)}: {exc}") from exc
-    if done.returncode != 0:
-        raise LabError(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()}")
-    return done
+    return topo._run(["podman", *args], timeout, podman_env())
 
 
 def container_name(lab_id: str, node: str) -> str:

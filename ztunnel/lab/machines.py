@@ -84,26 +84,7 @@ def build(t: Topology, index: int, device_netns: str | None = None) -> None:
             topo._run(["ip", *move.split()])
         else:
             topo._ip(device_netns, move)
-        _ip = topo._ip
-        _ip(
-            node.netns, f"addr add {node.ip}/{topo.NODE_NETWORK.prefixlen} dev {node.uplink_ifname}"
-        )
-        _ip(node.netns, f"link set {node.uplink_ifname} up")
-        for pod in node.pods:
-            topo._add_netns(pod.netns, topo._BASE_SYSCTLS)
-            _ip(node.netns, f"link add name {pod.host_ifname} type veth peer name {pod.ifname} "
-                f"netns {pod.netns}")  # fmt: skip
-            _ip(node.netns, f"link set {pod.host_ifname} up")
-            _ip(pod.netns, f"addr add {pod.ip}/32 dev {pod.ifname}")
-            _ip(pod.netns, f"link set {pod.ifname} up")
-            _ip(pod.netns, f"route add default via {node.ip} dev {pod.ifname} onlink")
-            _ip(node.netns, f"route add {pod.ip}/32 dev {pod.host_ifname}")
-        for other in t.nodes:
-            if other is not node:
-                _ip(
-                    node.netns,
-                    f"route add {other.pod_cidr} via {other.ip} dev {node.uplink_ifname}",
-                )
+        topo.build_node(t, node)
         tmp = t.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(t.to_json(), indent=2) + "\n")
         tmp.replace(t.state_file)
