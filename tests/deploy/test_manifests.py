@@ -21,6 +21,9 @@ from tests.deploy.conftest import DEPLOY, KUSTOMIZATIONS, Docs, container, kusto
 from ztunnel import cli, config
 from ztunnel.lab.image import AGENT_CAPABILITIES
 from ztunnel.localconfig import load_mesh_state
+from waypoint import cli as waypoint_cli
+from waypoint import config as waypoint_config
+from waypoint.config import WaypointSettings
 
 pytestmark = pytest.mark.unit
 
@@ -391,11 +394,29 @@ def test_cni_containers_share_the_agent_socket_directory(rendered: Callable[[str
 # --- the waypoint ---------------------------------------------------------------------------
 
 
-def test_waypoint_template_and_gateway(rendered: Callable[[str], Docs], tmp_path: Path) -> None:
+def waypoint_settings(c: dict[str, Any]) -> WaypointSettings:
+    """What `ztunnel-waypoint` makes of the container's command, args and environment."""
+    environ = {
+        e["name"]: str(e["value"]) if "value" in e else FIELD_VALUES[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        for e in c["env"]
+    }
+    assert c["command"] == ["ztunnel-waypoint"]
+    return waypoint_config.settings_from(
+        waypoint_cli.build_parser().parse_args(c.get("args", [])), environ
+    )
+
+
+def test_waypoint_template_and_gateway(tmp_path: Path) -> None:
     tree = tmp_path / "deploy"
     shutil.copytree(DEPLOY, tree)
     k = tree / "waypoint" / "kustomization.yaml"
-    k.write_text(k.read_text().replace("namespace: default", "namespace: shop"))
+    text = k.read_text()
+    assert "namespace: default" in text and "components: []" in text
+    k.write_text(
+        text.replace("namespace: default", "namespace: shop").replace(
+            "components: []", "components: [gateway]"
+        )
+    )
     docs = parse(kustomize(tree / "waypoint"))
     assert {d["metadata"]["namespace"] for d in docs} == {"shop"}
     gw = one(docs, "Gateway", "waypoint")
@@ -415,15 +436,29 @@ def test_waypoint_template_and_gateway(rendered: Callable[[str], Docs], tmp_path
     assert deploy["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert labels["istio.io/dataplane-mode"] == "none"
     assert labels["gateway.networking.k8s.io/gateway-name"] == gw["metadata"]["name"]
-    assert {p["port"] for p in svc["spec"]["ports"]} >= {15008}
     pod = tmpl["spec"]
     wp = container(pod, "waypoint")
-    assert wp["readinessProbe"]["httpGet"]["port"] == 15021
+    # The settings `ztunnel-waypoint` makes of the container: the Gateway's name, the pod's
+    # namespace and account, files from the mounted ConfigMaps and Secret.
+    s = waypoint_settings(wp)
+    assert (s.name, s.namespace, s.account) == ("waypoint", "shop", "waypoint")
+    assert s.service_hostname == gw["spec"]["addresses"][0]["value"]
     assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    assert {p["port"] for p in svc["spec"]["ports"]} == {s.hbone_port}
+    assert wp["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": s.stats_port}
+    assert tmpl["metadata"]["annotations"]["prometheus.io/port"] == str(s.stats_port)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mesh_cm = one(docs, "ConfigMap", volumes["mesh"]["configMap"]["name"])
+    assert Path(s.local_xds_path).parent == Path(mount(wp, "mesh")["mountPath"])
+    load_mesh_state(DEPLOY / "waypoint" / "mesh.yaml")  # the example loads
+    assert Path(s.local_xds_path).name in mesh_cm["data"]
+    assert s.config_paths == (mount(wp, "config")["mountPath"],)
+    one(docs, "ConfigMap", volumes["config"]["configMap"]["name"])
+    assert s.ca_dir == mount(wp, "cacerts")["mountPath"]
+    assert volumes["cacerts"]["secret"]["secretName"] == "ztunnel-cacerts"
+    assert deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > s.drain_timeout
     sc = wp["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["capabilities"]["drop"] == ["ALL"]
-    assert not pod.get("hostNetwork")
-    token = next(v for v in pod["volumes"] if v["name"] == "istio-token")
-    assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "istio-ca"
+    assert sc["allowPrivilegeEscalation"] is False and not pod.get("hostNetwork")
     for version in claimed_versions():
         validate_strict(docs, version)
