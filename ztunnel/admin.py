@@ -24,13 +24,15 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from ztunnel import logs
+from ztunnel.capture_report import CaptureSnapshot
+from ztunnel.capture_report import readiness as capture_readiness
 from ztunnel.certs import CertificateManager
 from ztunnel.config import Settings
 from ztunnel.errors import ConfigError, ZtunnelError
@@ -390,6 +392,23 @@ class AgentView(Protocol):
     ) -> dict[str, Any]: ...
 
 
+@runtime_checkable
+class CaptureView(Protocol):
+    """An agent with eBPF capture (ztunnel.app.Agent) also reports what it found on its hooks."""
+
+    def capture_snapshot(self) -> CaptureSnapshot | None: ...
+
+
+def capture_snapshot(agent: object) -> CaptureSnapshot | None:
+    return agent.capture_snapshot() if isinstance(agent, CaptureView) else None
+
+
+def readiness_warnings(agent: AgentView) -> list[str]:
+    """What a ready agent still wants people to know (pods whose capture is refused)."""
+    snap = capture_snapshot(agent)
+    return capture_readiness(snap)[1] if snap is not None else []
+
+
 def jsonable(value: object) -> Any:
     """A JSON-ready rendering of model objects: dataclasses field by field (fields hidden from
     repr, such as indexes and caches, are left out), enums by value, SPIFFE ids as URIs,
@@ -475,6 +494,9 @@ def readiness_pending(agent: AgentView) -> list[str]:
             )
     for kind, ip in sorted(agent.wanted_listeners() - set(agent.listeners)):
         out.append(f"listener: {kind} on {ip} not up")
+    snap = capture_snapshot(agent)
+    if snap is not None:
+        out += capture_readiness(snap)[0]
     return out
 
 
@@ -484,6 +506,7 @@ def config_dump(agent: AgentView) -> dict[str, Any]:
     now = time.monotonic()
     live = sorted(agent.tracker.live.values(), key=lambda r: r.id)
     pending = readiness_pending(agent)
+    snap = capture_snapshot(agent)
     return {
         "node": s.node_name,
         "version": agent_version(),
@@ -496,6 +519,7 @@ def config_dump(agent: AgentView) -> dict[str, Any]:
         },
         "readiness": {"ready": not pending, "pending": pending},
         "draining": agent.draining,
+        "capture": snap.to_json() if snap is not None else None,
         "workloads": [workload_json(w, s.node_name) for w in state.workloads],
         "services": [jsonable(svc) for svc in state.services],
         "policies": [jsonable(p) for p in state.policies],
@@ -582,7 +606,9 @@ def stats_routes(registry: CollectorRegistry) -> dict[str, Route]:
 def readiness_routes(agent: AgentView) -> dict[str, Route]:
     def ready(_req: Request) -> Response:
         pending = readiness_pending(agent)
-        return text(500, "\n".join(pending)) if pending else text(200, "ready")
+        if pending:
+            return text(500, "\n".join(pending))
+        return text(200, "\n".join(["ready", *readiness_warnings(agent)]))
 
     return {"/healthz/ready": Route(ready)}
 

@@ -42,6 +42,7 @@ from ztunnel.state import MeshState, WorkloadStore
 from ztunnel.telemetry import Telemetry, combine
 
 if TYPE_CHECKING:
+    from ztunnel.capture_report import CaptureSnapshot
     from ztunnel.kernel_capture import KernelCapture
     from ztunnel.xds.control import ControlPlane
 
@@ -248,12 +249,16 @@ class Agent:
         from ztunnel.kernel_capture import KernelCapture  # pyroute2 and bpf(): only in ebpf mode
 
         s = self.settings
-        self.kernel = KernelCapture(s)
+        self.kernel = KernelCapture(s, self.registry)
         self.ctx.node_ip = ipaddress.ip_address(s.node_ip)
         self.ctx.local_dial_mark = self.kernel.mark
         await self.kernel.start(
             {k: self.listeners[(k, "0.0.0.0")].sock for k in ("outbound", "inbound", "hbone")}
         )
+
+    def capture_snapshot(self) -> CaptureSnapshot | None:
+        """What the eBPF capture found on its hooks (admin, readiness); None without it."""
+        return self.kernel.snapshot() if self.kernel is not None else None
 
     def _sync_certificates(self) -> None:
         """Issue local HBONE workloads' certificates up front so the first connection is fast

@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ztunnel.bench import command as bench_command
 
     bench_command.add_parser(sub)
+    # `ztunnel waypoint run`: the L7 proxy (waypoint package), registered by its own module.
+    from waypoint import cli as waypoint_cli
+
+    waypoint_cli.add_parser(sub)
     return parser
 
 

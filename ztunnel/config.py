@@ -60,6 +60,10 @@ class Settings:
     fail_open: bool = False
     enrolment_socket: str = "/var/run/ztunnel/ztunnel.sock"
     state_dir: str = "/var/run/ztunnel"
+    capture_attach: str = "auto"  # auto | tcx | cls_bpf
+    capture_allow_ahead: str = ""  # program names accepted ahead of ours, or "*"
+    capture_check_interval: float = 1.0
+    capture_tc_priority: int = 1
 
     @property
     def own_ports(self) -> frozenset[int]:
@@ -248,6 +252,33 @@ _SPEC: list[tuple[str, str, str, str]] = [
         "ZTUNNEL_STATE_DIR",
         "directory for the agent's small state files (ebpf)",
     ),
+    (
+        "capture_attach",
+        "--capture-attach",
+        "ZTUNNEL_CAPTURE_ATTACH",
+        "how the capture programs are attached: auto (tcx links on Linux 6.6+, else cls_bpf), "
+        "tcx, or cls_bpf (the first tc priority; also on a tcx kernel) (ebpf)",
+    ),
+    (
+        "capture_allow_ahead",
+        "--capture-allow-ahead",
+        "ZTUNNEL_CAPTURE_ALLOW_AHEAD",
+        "accept the risk of these programs running ahead of the capture (comma-separated BPF "
+        "program names or tc filter kinds, or *): their pods stay captured instead of being "
+        "refused (ebpf)",
+    ),
+    (
+        "capture_tc_priority",
+        "--capture-tc-priority",
+        "ZTUNNEL_CAPTURE_TC_PRIORITY",
+        "tc priority of the capture filters in cls_bpf mode (1 runs first) (ebpf)",
+    ),
+    (
+        "capture_check_interval",
+        "--capture-check-interval",
+        "ZTUNNEL_CAPTURE_CHECK_INTERVAL",
+        "seconds between checks for programs running ahead of the capture (ebpf)",
+    ),
 ]
 
 # Further environment variables for a setting, tried before the main one (Istio's ztunnel
@@ -398,6 +429,25 @@ def validate(s: Settings) -> None:
     for name in ("connect_timeout", "drain_timeout", "pool_idle_timeout", "reload_interval"):
         if getattr(s, name) <= 0:
             raise ConfigError("settings", name, "must be positive")
+    validate_capture(s)
+
+
+def validate_capture(s: Settings) -> None:
+    """The eBPF capture's own settings (ztunnel.capture.ordering has the details)."""
+    if s.capture_attach not in ("auto", "tcx", "cls_bpf"):
+        raise ConfigError(
+            "settings", "capture_attach", f"must be auto, tcx or cls_bpf, got {s.capture_attach!r}"
+        )
+    if not 1 <= s.capture_tc_priority <= 0xFFFF:
+        raise ConfigError("settings", "capture_tc_priority", "must be in 1..65535")
+    if not 0.05 <= s.capture_check_interval <= 3600:
+        raise ConfigError(
+            "settings", "capture_check_interval", "must be between 0.05 and 3600 seconds"
+        )
+    for name in s.capture_allow_ahead.split(","):
+        name = name.strip()
+        if name and (len(name) > 64 or not name.isprintable() or " " in name):
+            raise ConfigError("settings", "capture_allow_ahead", f"not a program name: {name!r}")
 
 
 def describe(argv: Sequence[str] | None = None) -> list[tuple[str, str, str]]:

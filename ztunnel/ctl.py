@@ -1,6 +1,7 @@
 """`ztunnel ctl`: look into a running agent through its admin API (default 127.0.0.1:15000,
-`--admin ADDR:PORT`): workloads, services, policies, certificates, connections, or the whole
-config dump. Tables for people by default, `-o json` or `-o yaml` for programs.
+`--admin ADDR:PORT`): workloads, services, policies, certificates, connections, the eBPF
+capture's hooks (`ctl capture`), or the whole config dump. Tables for people by default,
+`-o json` or `-o yaml` for programs.
 
 Each read-only view is a `View` (which part of `/config_dump`, which columns); commands that
 need more than a view (such as a future `ctl check`) add their own subparser in `add_parser`
@@ -349,6 +350,53 @@ def _run_check(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if result.get("allowed") else 3
 
 
+CAPTURE_HOOK_COLUMNS: tuple[tuple[str, Cell], ...] = (
+    ("INTERFACE", _get("interface")),
+    ("HOOK", _get("hook")),
+    ("MODE", _get("mode")),
+    ("STATE", _get("state")),
+    ("REORDERS", _get("reorders")),
+    ("AHEAD", lambda h: "; ".join(h.get("ahead") or []) or "-"),
+)
+CAPTURE_POD_COLUMNS: tuple[tuple[str, Cell], ...] = (
+    ("POD", _get("pod")),
+    ("CAPTURE OK", lambda p: "yes" if p.get("ok") else "NO"),
+    ("DETAIL", _get("detail")),
+)
+
+
+def render_capture(capture: dict[str, Any]) -> str:
+    """`ztunnel ctl capture` as text: the attach mode, every hook, every pod's verdict."""
+    age = capture.get("last_check_age_seconds")
+    lines = [
+        f"attach mode: {capture.get('mode') or '-'}"
+        f" (tcx {'available' if capture.get('tcx_available') else 'not available'}),"
+        f" hooks checked every {capture.get('check_interval_seconds')}s,"
+        f" last check {_age(age) + ' ago' if age is not None else 'not yet'}"
+    ]
+    if capture.get("last_error"):
+        lines.append(f"last check failed: {capture['last_error']}")
+    hooks = list(capture.get("hooks") or [])
+    lines += ["", render_table(hooks, CAPTURE_HOOK_COLUMNS) if hooks else "no hooks"]
+    pods = [{"pod": k, **v} for k, v in sorted((capture.get("pods") or {}).items())]
+    lines += ["", render_table(pods, CAPTURE_POD_COLUMNS) if pods else "no pods"]
+    refused = [h for h in hooks if h.get("state") == "refused"]
+    for hook in refused:
+        lines += ["", f"{hook.get('interface')}: {hook.get('detail')}"]
+    return "\n".join(lines)
+
+
+def _run_capture(args: argparse.Namespace, out: TextIO) -> int:
+    capture = _client(args).config_dump().get("capture")
+    if not isinstance(capture, dict):
+        raise CtlError("the agent has no eBPF capture (it runs without --capture ebpf)")
+    output = getattr(args, "output", "table")
+    out.write((render_capture(capture) if output == "table" else render(capture, output)) + "\n")
+    pods_ok = all(p.get("ok") for p in (capture.get("pods") or {}).values())
+    hooks_ok = all(h.get("ok") for h in capture.get("hooks") or [])
+    return 0 if pods_ok and hooks_ok else 3
+
+
 def _guard(run: Callable[[argparse.Namespace, TextIO], int]) -> Callable[[argparse.Namespace], int]:
     def func(args: argparse.Namespace) -> int:
         try:
@@ -396,6 +444,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "config-dump", parents=[common], help="the agent's whole configuration dump (JSON or YAML)"
     )
     dump.set_defaults(func=_guard(_run_dump))
+    capture = ctl_sub.add_parser(
+        "capture",
+        parents=[common],
+        help="the eBPF capture's hooks: what runs ahead of ztunnel, and which pods are"
+        " refused (exit 3 when anything is not safely captured)",
+    )
+    capture.set_defaults(func=_guard(_run_capture))
     check = ctl_sub.add_parser(
         "check",
         parents=[common],

@@ -12,6 +12,11 @@ plugin calls it when pods come and go. Requests (all idempotent):
 
 Answers: {"ok": true, ...} or {"ok": false, "error": "...what and why"}. Parsing is pure
 (`parse_request`); a bad request gets an error answer and never affects other pods.
+Every pod record in an answer (`list`, and `pod` of the others) carries
+`"capture": {"ok": bool, "detail": str}`: whether the pod's traffic is safely captured
+(nothing runs ahead of ztunnel's programs on its hooks, or the operator accepted it) and,
+if not, what was found and how to fix it (`pod_status`, set by the kernel capture). A
+controller marks a pod `ambient.istio.io/redirection: enabled` only when `ok` is true.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +40,8 @@ from ztunnel.model import IPAddress
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
+# The capture member of a pod record when the backend does not report capture safety.
+CAPTURE_UNKNOWN = {"ok": False, "detail": "capture safety is not reported by this backend"}
 REQUEST_TIMEOUT = 30.0
 OPS = ("add_pod", "enrol", "unenrol", "remove_pod", "list")
 
@@ -115,6 +123,8 @@ class EnrolmentService:
         self.socket_path = socket_path
         self.state_file = Path(state_file)
         self.pods: dict[str, dict[str, Any]] = {}
+        # (key, stored record) -> the record's "capture" member; see the module docstring.
+        self.pod_status: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
         # One thread: the capture layer's netlink and bpf calls must not run concurrently.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture")
         self._server: asyncio.AbstractServer | None = None
@@ -188,7 +198,7 @@ class EnrolmentService:
             await loop.run_in_executor(self._executor, fn, arg)
 
         if req.op == "list":
-            return {"ok": True, "pods": self.pods}
+            return {"ok": True, "pods": {k: self._view(k, v) for k, v in self.pods.items()}}
         known = self.pods.get(req.key)
         if req.op in ("add_pod", "enrol"):
             await call(self.backend.attach_pod, req)
@@ -213,7 +223,14 @@ class EnrolmentService:
             del self.pods[req.key]
         self._save()
         log.info("enrolment: %s %s", req.op, req.key)
-        return {"ok": True, "pod": self.pods.get(req.key)}
+        return {"ok": True, "pod": self._view(req.key, self.pods.get(req.key))}
+
+    def _view(self, key: str, rec: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A stored pod record as answered: with its (never stored) capture status."""
+        if rec is None:
+            return None
+        status = self.pod_status(key, rec) if self.pod_status else dict(CAPTURE_UNKNOWN)
+        return {**rec, "capture": status}
 
     @staticmethod
     def _stored(key: str, rec: dict[str, Any]) -> PodRequest:

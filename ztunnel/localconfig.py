@@ -36,6 +36,11 @@ from ztunnel.state import MeshState
 log = logging.getLogger(__name__)
 
 ISTIO_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
+# Kinds the same files may hold for waypoints; the node agent skips them.
+WAYPOINT_KINDS = frozenset(
+    {"VirtualService", "DestinationRule", "HTTPRoute", "Gateway", "ReferenceGrant"}
+    | {"Service", "Pod", "Namespace", "List"}
+)
 
 
 class _Ctx:
@@ -267,6 +272,8 @@ def parse_documents(
         if "kind" in obj and obj.get("kind") in ISTIO_KINDS:
             istio_docs.append((prefix or "<top>", obj))
             continue
+        if "kind" in obj and obj.get("kind") in WAYPOINT_KINDS:
+            continue  # traffic-management resources: read by waypoints (ztunnel.meshconfig)
         if "kind" in obj:
             raise ctx.fail(
                 f"{prefix}.kind" if prefix else "kind", f"unsupported kind {obj.get('kind')!r}"

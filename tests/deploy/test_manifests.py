@@ -18,12 +18,12 @@ import pytest
 from kubernetes_validate.utils import all_versions
 
 from tests.deploy.conftest import DEPLOY, KUSTOMIZATIONS, Docs, container, kustomize, one, parse
-from ztunnel import cli, config
-from ztunnel.lab.image import AGENT_CAPABILITIES
-from ztunnel.localconfig import load_mesh_state
 from waypoint import cli as waypoint_cli
 from waypoint import config as waypoint_config
 from waypoint.config import WaypointSettings
+from ztunnel import cli, config
+from ztunnel.lab.image import AGENT_CAPABILITIES
+from ztunnel.localconfig import load_mesh_state
 
 pytestmark = pytest.mark.unit
 
@@ -184,24 +184,34 @@ def mount(c: dict[str, Any], volume: str) -> dict[str, Any]:
     return found[0]
 
 
-FIELD_VALUES = {
+NODE_FIELDS = {
     "spec.nodeName": "node-a",
     "status.hostIP": "192.0.2.10",
     "status.podIP": "192.0.2.10",
-    "metadata.name": "ztunnel-x1",
-    "metadata.namespace": "istio-system",
-    "spec.serviceAccountName": "ztunnel",
 }
 
 
-def agent_settings(agent: dict[str, Any]) -> config.Settings:
-    """What `ztunnel run` makes of the container's command, args and environment."""
+def container_env(c: dict[str, Any], workload: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet would give it, for a pod of `workload` (a
+    rendered DaemonSet or Deployment) on node-a at 192.0.2.10."""
+    pod = {
+        "metadata.name": f"{workload['metadata']['name']}-x1",
+        "metadata.namespace": workload["metadata"]["namespace"],
+        "spec.serviceAccountName": workload["spec"]["template"]["spec"]["serviceAccountName"],
+    }
     environ: dict[str, str] = {}
-    for e in agent["env"]:
+    for e in c["env"]:
         if "value" in e:
             environ[e["name"]] = str(e["value"])
         else:
-            environ[e["name"]] = FIELD_VALUES[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            path = e["valueFrom"]["fieldRef"]["fieldPath"]
+            environ[e["name"]] = pod.get(path) or NODE_FIELDS[path]
+    return environ
+
+
+def agent_settings(agent: dict[str, Any], ds: dict[str, Any]) -> config.Settings:
+    """What `ztunnel run` makes of the container's command, args and environment."""
+    environ = container_env(agent, ds)
     argv = [*agent.get("command", [])[1:], *agent.get("args", [])]
     args = cli.build_parser().parse_args(argv)
     assert args.command == "run"
@@ -236,7 +246,7 @@ def test_standalone_agent_settings_are_accepted_by_ztunnel_run(
     docs = rendered("deploy/overlays/standalone")
     pod = daemonset_pod(docs)
     agent = container(pod, "ztunnel")
-    s = agent_settings(agent)
+    s = agent_settings(agent, one(docs, "DaemonSet", "ztunnel"))
     assert s.capture == "ebpf"
     assert (s.status_address, s.node_ip) == ("192.0.2.10", "192.0.2.10")
     assert s.admin_address == "127.0.0.1" and s.socks5_port == 0
@@ -262,9 +272,10 @@ def test_standalone_agent_settings_are_accepted_by_ztunnel_run(
 def test_istiod_agent_settings_are_accepted_by_ztunnel_run(
     rendered: Callable[[str], Docs],
 ) -> None:
-    pod = daemonset_pod(rendered("deploy/overlays/istiod"))
+    docs = rendered("deploy/overlays/istiod")
+    pod = daemonset_pod(docs)
     agent = container(pod, "ztunnel")
-    s = agent_settings(agent)
+    s = agent_settings(agent, one(docs, "DaemonSet", "ztunnel"))
     assert s.xds_address == s.ca_address == "https://istiod.istio-system.svc:15012"
     assert not s.local_xds_path and not s.ca_dir
     assert (
@@ -394,16 +405,11 @@ def test_cni_containers_share_the_agent_socket_directory(rendered: Callable[[str
 # --- the waypoint ---------------------------------------------------------------------------
 
 
-def waypoint_settings(c: dict[str, Any]) -> WaypointSettings:
+def waypoint_settings(c: dict[str, Any], deploy: dict[str, Any]) -> WaypointSettings:
     """What `ztunnel-waypoint` makes of the container's command, args and environment."""
-    environ = {
-        e["name"]: str(e["value"]) if "value" in e else FIELD_VALUES[e["valueFrom"]["fieldRef"]["fieldPath"]]
-        for e in c["env"]
-    }
     assert c["command"] == ["ztunnel-waypoint"]
-    return waypoint_config.settings_from(
-        waypoint_cli.build_parser().parse_args(c.get("args", [])), environ
-    )
+    args = waypoint_cli.build_parser().parse_args(c.get("args", []))
+    return waypoint_config.settings_from(args, container_env(c, deploy))
 
 
 def test_waypoint_template_and_gateway(tmp_path: Path) -> None:
@@ -440,7 +446,7 @@ def test_waypoint_template_and_gateway(tmp_path: Path) -> None:
     wp = container(pod, "waypoint")
     # The settings `ztunnel-waypoint` makes of the container: the Gateway's name, the pod's
     # namespace and account, files from the mounted ConfigMaps and Secret.
-    s = waypoint_settings(wp)
+    s = waypoint_settings(wp, deploy)
     assert (s.name, s.namespace, s.account) == ("waypoint", "shop", "waypoint")
     assert s.service_hostname == gw["spec"]["addresses"][0]["value"]
     assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]

@@ -10,6 +10,7 @@ a connection really landed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -118,6 +119,9 @@ def agent_main(config: dict[str, Any]) -> None:
             uplink_ifname=config["uplink"],
             pin_dir=Path(config["pin_dir"]),
             fail_mode=FailMode(config["fail_mode"]),
+            attach=config["attach"],
+            tc_priority=config["tc_priority"],
+            allow_ahead=tuple(config["allow_ahead"]),
         )
     )
     capture.start({key: sock.fileno() for key, sock in listeners.items()})
@@ -140,6 +144,8 @@ def agent_main(config: dict[str, Any]) -> None:
             "enrolled": _enrolled(capture),
             "program_ids": dict(report.program_ids),
             "maps_reused": list(report.maps_reused),
+            "mode": capture.mode.value if capture.mode else None,
+            "hooks": _hooks(capture),
         }
     )
 
@@ -158,6 +164,12 @@ def agent_main(config: dict[str, Any]) -> None:
                 emit({"ok": True, "enrolled": _enrolled(capture)})
             elif op == "enrolled":
                 emit({"ok": True, "enrolled": _enrolled(capture)})
+            elif op == "check":  # one pass over the hooks, optionally at a given clock
+                capture.check(cmd.get("now"))
+                emit({"ok": True, "hooks": _hooks(capture), "unsafe": _unsafe(capture)})
+            elif op == "pod_capture":
+                answer = capture.pod_capture(cmd["host_ifname"], cmd.get("enrolled", True))
+                emit({"ok": True, "capture": answer.to_json()})
             elif op == "loaded":
                 emit({"ok": True, "bcc_imported": "bcc" in sys.modules})
             elif op == "dial":
@@ -177,6 +189,18 @@ def agent_main(config: dict[str, Any]) -> None:
 
 def _enrolled(capture: Any) -> list[str]:
     return sorted(str(ip) for ip in capture.enrolled())
+
+
+def _hooks(capture: Any) -> dict[str, Any]:
+    return {name: st.to_json() for name, st in capture.statuses().items()}
+
+
+def _unsafe(capture: Any) -> dict[str, Any]:
+    maps = capture._maps()
+    return {
+        "addresses": sorted(str(ip) for ip in maps.unsafe()),
+        "guard_flags": maps.guard_flags(),
+    }
 
 
 # --- test-side handles ---------------------------------------------------------------------
@@ -269,7 +293,14 @@ class Lab:
         self.apps: list[PodApp] = []
         self.sockets: list[socket.socket] = []
 
-    def start_agent(self, node_name: str, fail_mode: str = "closed") -> Agent:
+    def start_agent(
+        self,
+        node_name: str,
+        fail_mode: str = "closed",
+        attach: str = "auto",
+        tc_priority: int = 1,
+        allow_ahead: tuple[str, ...] = (),
+    ) -> Agent:
         from ztunnel.lab.topology import popen_in_netns
 
         node = self.topology.node(node_name)
@@ -280,6 +311,9 @@ class Lab:
             "pin_dir": str(node.pin_dir),
             "fail_mode": fail_mode,
             "pod_ifnames": [pod.host_ifname for pod in node.pods],
+            "attach": attach,
+            "tc_priority": tc_priority,
+            "allow_ahead": list(allow_ahead),
         }
         stderr_path = self.tmp_path / f"agent-{node.name}-{len(self.agents)}.stderr"
         with open(stderr_path, "w") as stderr:
@@ -325,6 +359,76 @@ class Lab:
             app.close()
         for agent in self.agents:
             agent.kill()
+
+
+ATTACH_MODES = ("tcx", "cls_bpf")
+
+
+@functools.cache
+def kernel_has_tcx() -> bool:
+    """Whether this kernel has tcx (6.6+): a read-only BPF_PROG_QUERY on the loopback."""
+    from ztunnel.capture import syscalls
+
+    return syscalls.has_tcx(socket.if_nametoindex("lo"))
+
+
+def require_attach_mode(mode: str) -> str:
+    """Skips a tcx test only where the kernel has no tcx; cls_bpf always runs."""
+    if mode == "tcx" and not kernel_has_tcx():
+        pytest.skip(
+            f"kernel {os.uname().release} has no tcx (Linux 6.6+): the tcx path cannot run"
+            " here; the cls_bpf variant of this test covers this kernel"
+        )
+    return mode
+
+
+@pytest.fixture(params=ATTACH_MODES)
+def attach_mode(request: pytest.FixtureRequest) -> str:
+    """Each attach mode explicitly: tcx (skipped without tcx) and cls_bpf (always, also on
+    a tcx kernel, where it is forced with CaptureConfig.attach)."""
+    return require_attach_mode(str(request.param))
+
+
+def hook_prog_ids(netns: str, ifname: str, direction: str = "ingress") -> list[int]:
+    """Program ids on a hook in run order: the tcx chain (if any), then the tc filters."""
+    from ztunnel.capture import syscalls
+    from ztunnel.lab.topology import call_in_netns
+
+    ids: list[int] = []
+    if kernel_has_tcx():
+        kind = syscalls.BPF_TCX_INGRESS if direction == "ingress" else syscalls.BPF_TCX_EGRESS
+        chain = call_in_netns(
+            netns, lambda: syscalls.tcx_query(socket.if_nametoindex(ifname), kind)
+        )
+        ids += chain.prog_ids
+    out = subprocess.run(
+        ["tc", "-n", netns, "filter", "show", "dev", ifname, direction],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    words = out.split()
+    ids += [int(words[i + 1]) for i, word in enumerate(words[:-1]) if word == "id"]
+    return ids
+
+
+@pytest.fixture
+def make_cni() -> Iterator[Callable[[Any], Any]]:
+    """Compiles the stand-in primary-CNI programs for a topology (tests/lab/primary_cni.py);
+    closed (their tcx links detached) after the test."""
+    from tests.lab.primary_cni import PrimaryCni
+
+    made: list[PrimaryCni] = []
+
+    def make(topology: Any) -> PrimaryCni:
+        made.append(PrimaryCni(topology))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for cni in made:
+            cni.close()
 
 
 @pytest.fixture

@@ -7,17 +7,18 @@ with which getsockname()/getpeername(), or that the connection failed.
 
 from __future__ import annotations
 
-import ctypes as ct
 import os
 import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.lab.conftest import hook_prog_ids, kernel_has_tcx
+from tests.lab.primary_cni import PrimaryCni
 from ztunnel.capture import (
     Capture,
     CaptureConfig,
@@ -26,9 +27,15 @@ from ztunnel.capture import (
     FailMode,
     PodEnrolment,
 )
-from ztunnel.capture.config import DEFAULT_TC_HANDLE
+from ztunnel.capture.attach import LINKS_DIR
 from ztunnel.capture.netlink import Netlink
-from ztunnel.capture.objects import MAP_NAMES, POD_PROGRAM, PROGRAM_NAMES, UPLINK_PROGRAM
+from ztunnel.capture.objects import (
+    GUARD_PROGRAM,
+    MAP_NAMES,
+    POD_PROGRAM,
+    PROGRAM_NAMES,
+    UPLINK_PROGRAM,
+)
 from ztunnel.lab import runner, topology
 from ztunnel.lab.topology import call_in_netns
 
@@ -66,9 +73,12 @@ def assert_connect_fails(lab: Lab, pod_name: str, ip: str, port: int = APP_PORT)
         lab.exchange(sock, "must not get through")
 
 
-def test_outbound_of_enrolled_pod_lands_on_15001_with_original_destination(lab: Lab) -> None:
-    agent = lab.start_agent("n0")
-    lab.start_agent("n1")
+def test_outbound_of_enrolled_pod_lands_on_15001_with_original_destination(
+    lab: Lab, attach_mode: str
+) -> None:
+    agent = lab.start_agent("n0", attach=attach_mode)
+    assert agent.ready["mode"] == attach_mode
+    lab.start_agent("n1", attach=attach_mode)
     lab.app("n1p0")
     lab.app("n0p1")
     enrol(lab, agent, "n0p0")
@@ -174,8 +184,8 @@ def test_fail_open_configured_at_start(lab: Lab) -> None:
     assert lab.ask("n0p0", ip_of(lab, "n1p0"))["who"] == "pod"
 
 
-def test_restarted_agent_finds_pinned_state_without_reenrolling(lab: Lab) -> None:
-    first = lab.start_agent("n0")
+def test_restarted_agent_finds_pinned_state_without_reenrolling(lab: Lab, attach_mode: str) -> None:
+    first = lab.start_agent("n0", attach=attach_mode)
     lab.app("n1p0")
     enrol(lab, first, "n0p0")
     assert lab.ask("n0p0", ip_of(lab, "n1p0"))["pid"] == first.pid
@@ -188,12 +198,13 @@ def test_restarted_agent_finds_pinned_state_without_reenrolling(lab: Lab) -> Non
     assert (answer["who"], answer["pid"], answer["listener"]) == ("agent", second.pid, "outbound")
     assert answer["local"] == [ip_of(lab, "n1p0"), APP_PORT]
 
-    # The new process replaced the filters in place: still exactly one of ours per hook.
+    # The new process replaced ours in place: still exactly one of ours per hook, first.
     node = lab.topology.node("n0")
-    with Netlink(node.netns) as nl:
-        for ifname in (node.uplink_ifname, "vpod0", "vpod1"):
-            ours = [f for f in nl.bpf_filters(ifname) if f.handle == DEFAULT_TC_HANDLE]
-            assert len(ours) == 1, (ifname, ours)
+    ours = set(second.ready["program_ids"].values())
+    for ifname in (node.uplink_ifname, "vpod0", "vpod1"):
+        for direction in ("ingress", "egress"):
+            ids = hook_prog_ids(node.netns, ifname, direction)
+            assert len(ids) == 1 and ids[0] in ours, (ifname, direction, ids)
 
 
 def test_unenrol_restores_direct_traffic_and_is_idempotent(lab: Lab) -> None:
@@ -211,70 +222,57 @@ def test_unenrol_restores_direct_traffic_and_is_idempotent(lab: Lab) -> None:
     assert (answer["who"], answer["pod"]) == ("pod", "n1p0")
 
 
-COUNTER_PROGRAM = """
-#include <uapi/linux/pkt_cls.h>
-BPF_ARRAY(packets, u64, 1);
-int count_packets(struct __sk_buff *skb)
-{
-    u32 key = 0;
-    u64 *value = packets.lookup(&key);
-    if (value)
-        __sync_fetch_and_add(value, 1);
-    return TC_ACT_UNSPEC; /* let the rest of the chain run */
-}
-"""
-
-
-class Counter:
-    """Another party's tc program: counts the packets its hook sees."""
-
-    def __init__(self) -> None:
-        import bcc  # only the test's foreign program; ztunnel's own bcc use is in capture.bpf
-
-        self.bpf = bcc.BPF(text=COUNTER_PROGRAM.encode())
-        self.fd = int(self.bpf.load_func(b"count_packets", bcc.BPF.SCHED_CLS).fd)
-
-    @property
-    def value(self) -> int:
-        return int(self.bpf[b"packets"][ct.c_int(0)].value)
-
-
-def test_coexists_with_another_filter_in_the_same_clsact(lab: Lab) -> None:
-    agent = lab.start_agent("n0")
+def test_coexists_with_other_filters_and_detach_leaves_them(
+    lab: Lab, attach_mode: str, make_cni: Callable[[Any], PrimaryCni]
+) -> None:
+    agent = lab.start_agent("n0", attach=attach_mode)
     lab.app("n1p0")
     enrol(lab, agent, "n0p0")
     node = lab.topology.node("n0")
-    before, after = Counter(), Counter()
+    # Another party's filters in the same clsact hook: one at the first priority (in
+    # cls_bpf mode it lands ahead of ours), one at the last; both count port 8080.
+    cni = make_cni(lab.topology)
+    first = cni.program("count", watch_port=APP_PORT)
+    last = cni.program("count", watch_port=APP_PORT)
+    probe = cni.program("count", watch_port=9)
+    first.attach_tc(node.netns, "vpod0", priority=1, handle=1)
+    last.attach_tc(node.netns, "vpod0", priority=50000, handle=1)
+    probe.attach_tc(node.netns, "vpod0", priority=50001, handle=1)
+    hooks = agent.request(op="check")["hooks"]
+    # tcx runs before every clsact filter; in cls_bpf mode ours was moved back in front.
+    assert hooks["vpod0"]["state"] == "safe", hooks["vpod0"]
+    assert hooks["vpod0"]["reorders"] == (1 if attach_mode == "cls_bpf" else 0)
+
+    assert lab.ask("n0p0", ip_of(lab, "n1p0"))["who"] == "agent"
+    # What we take ends the hook: the others never saw the captured connection...
+    assert (first.seen(watched=True), last.seen(watched=True)) == (0, 0)
+    # ...and what we leave alone goes on to them: here the pod's RST to the node.
+    with pytest.raises(ConnectionRefusedError):
+        lab.connect(node.netns, ip_of(lab, "n0p0"), 9)
+    assert probe.seen(watched=True) >= 1
+
+    # Our uninstall, from another process and by namespace name, leaves the others.
+    config = CaptureConfig(
+        node_addresses=(node.ip,), uplink_ifname="eth0", netns=node.netns, pin_dir=node.pin_dir
+    )
+    with Capture(config) as capture:
+        capture.detach_all()
     with Netlink(node.netns) as nl:
-        # Another party's filters in the same hook: one runs before ours, one after.
-        nl.attach_bpf("vpod0", before.fd, "counter_before", priority=1, handle=1)
-        nl.attach_bpf("vpod0", after.fd, "counter_after", priority=50000, handle=1)
-
-        b0 = before.value
-        assert lab.ask("n0p0", ip_of(lab, "n1p0"))["who"] == "agent"
-        assert before.value - b0 >= 3  # SYN, ACK, data at least
-        # What we leave alone goes on to the next filter: here the pod's RST to the node.
-        a0 = after.value
-        with pytest.raises(ConnectionRefusedError):
-            lab.connect(node.netns, ip_of(lab, "n0p0"), 9)
-        assert after.value > a0
-
-        # Our detach, from another process and by namespace name, leaves the others alone.
-        config = CaptureConfig(node_addresses=(node.ip,), uplink_ifname="eth0", netns=node.netns)
-        with Capture(config) as capture:
-            capture.detach_all()
-        assert {(f.priority, f.name) for f in nl.bpf_filters("vpod0")} == {
-            (1, "counter_before"),
-            (50000, "counter_after"),
+        assert {(f.priority, f.handle) for f in nl.bpf_filters("vpod0")} == {
+            (1, 1),
+            (50000, 1),
+            (50001, 1),
         }
-        assert nl.bpf_filters("eth0") == []
-        assert "fwmark" not in run_ip(node.netns, "rule", "show")
+    others = {first.prog_id, last.prog_id, probe.prog_id}
+    assert set(hook_prog_ids(node.netns, "vpod0")) == others
+    for ifname, direction in (("eth0", "ingress"), ("eth0", "egress"), ("vpod0", "egress")):
+        assert hook_prog_ids(node.netns, ifname, direction) == []
+    assert not (node.pin_dir / LINKS_DIR).exists() or not list((node.pin_dir / LINKS_DIR).iterdir())
+    assert "fwmark" not in run_ip(node.netns, "rule", "show")
 
-        b1, a1 = before.value, after.value
-        answer = lab.ask("n0p0", ip_of(lab, "n1p0"))
-        assert (answer["who"], answer["pod"]) == ("pod", "n1p0")  # no capture any more
-        assert before.value - b1 >= 3
-        assert after.value - a1 >= 3
+    answer = lab.ask("n0p0", ip_of(lab, "n1p0"))
+    assert (answer["who"], answer["pod"]) == ("pod", "n1p0")  # no capture any more
+    assert first.seen(watched=True) >= 3 and last.seen(watched=True) >= 3
 
 
 def test_local_delivery_rule_is_idempotent(lab: Lab) -> None:
@@ -297,15 +295,16 @@ def run_ip(netns: str, *args: str) -> str:
     ).stdout
 
 
-def test_programs_on_pod_and_uplink_interfaces_are_ours(lab: Lab) -> None:
-    lab.start_agent("n0")
+def test_programs_on_pod_and_uplink_interfaces_are_ours(lab: Lab, attach_mode: str) -> None:
+    agent = lab.start_agent("n0", attach=attach_mode)
+    ids = agent.ready["program_ids"]
     node = lab.topology.node("n0")
-    with Netlink(node.netns) as nl:
-        names = {
-            ifname: {f.name.split(":")[0] for f in nl.bpf_filters(ifname)}
-            for ifname in ("eth0", "vpod0", "vpod1")
-        }
-    assert names == {"eth0": {UPLINK_PROGRAM}, "vpod0": {POD_PROGRAM}, "vpod1": {POD_PROGRAM}}
+    expect = {"eth0": UPLINK_PROGRAM, "vpod0": POD_PROGRAM, "vpod1": POD_PROGRAM}
+    for ifname, program in expect.items():
+        assert hook_prog_ids(node.netns, ifname) == [ids[program]], ifname
+        assert hook_prog_ids(node.netns, ifname, "egress") == [ids[GUARD_PROGRAM]], ifname
+    links = sorted(os.listdir(node.pin_dir / LINKS_DIR)) if attach_mode == "tcx" else []
+    assert len(links) == (6 if attach_mode == "tcx" else 0), links  # 3 interfaces x 2 hooks
 
 
 def test_capture_driven_from_outside_the_node_namespace_and_uninstalled(lab: Lab) -> None:
@@ -347,8 +346,9 @@ def test_capture_driven_from_outside_the_node_namespace_and_uninstalled(lab: Lab
 
             capture.close(keep_pins=False)
         assert not node.pin_dir.exists()
-        with Netlink(node.netns) as nl:
-            assert nl.bpf_filters("vpod0") == [] and nl.bpf_filters("eth0") == []
+        for ifname in ("vpod0", "eth0"):
+            for direction in ("ingress", "egress"):
+                assert hook_prog_ids(node.netns, ifname, direction) == []
         answer = lab.ask("n0p0", ip_of(lab, "n1p0"))
         assert answer["who"] == "pod"  # uninstalled: direct again
     finally:
@@ -377,8 +377,8 @@ def test_teardown_leaves_no_namespace_pin_or_state(make_lab: Callable[[int, int]
     topo = own.topology
     agent = own.start_agent("n0")
     enrol(own, agent, "n0p0")
-    pinned = sorted(os.listdir(topo.node("n0").pin_dir))
-    assert pinned == sorted([*MAP_NAMES, *PROGRAM_NAMES])
+    pinned = set(os.listdir(topo.node("n0").pin_dir)) - {LINKS_DIR}
+    assert pinned == {*MAP_NAMES, *PROGRAM_NAMES}
     assert topology.load(topo.lab_id) == topo
     assert len(lab_leftovers(topo.prefix)) > 1
 
@@ -416,18 +416,6 @@ def rss_kb(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def filter_prog_ids(netns: str, ifname: str) -> set[int]:
-    """Kernel ids of the bpf programs that the ingress filters of an interface run."""
-    out = subprocess.run(
-        ["tc", "-n", netns, "filter", "show", "dev", ifname, "ingress"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    words = out.split()
-    return {int(words[i + 1]) for i, word in enumerate(words[:-1]) if word == "id"}
-
-
 def test_stand_in_agent_never_imports_bcc(lab: Lab) -> None:
     agent = lab.start_agent("n0")
     enrol(lab, agent, "n0p0")
@@ -454,31 +442,34 @@ def test_real_agent_has_no_bcc_and_a_small_footprint() -> None:
         assert rss_kb(pid) < AGENT_RSS_LIMIT_KB, f"agent RSS {rss_kb(pid)} kB"
         with CaptureMaps.open_pinned(node.pin_dir) as maps:  # and it did capture
             assert set(maps.enrolled()) == {t.pod("n0p0").ip}
-        assert filter_prog_ids(node.netns, node.uplink_ifname)
+        assert hook_prog_ids(node.netns, node.uplink_ifname)
     finally:
         runner.down(t.lab_id)
 
 
-def test_restart_replaces_pinned_programs_and_reattaches_them(lab: Lab) -> None:
+def test_restart_replaces_pinned_programs_and_reattaches_them(lab: Lab, attach_mode: str) -> None:
     node = lab.topology.node("n0")
-    first = lab.start_agent("n0")
+    first = lab.start_agent("n0", attach=attach_mode)
     lab.app("n1p0")
     enrol(lab, first, "n0p0")
     old_ids = first.ready["program_ids"]
-    assert filter_prog_ids(node.netns, "vpod0") == {old_ids[POD_PROGRAM]}
-    assert filter_prog_ids(node.netns, node.uplink_ifname) == {old_ids[UPLINK_PROGRAM]}
+    assert hook_prog_ids(node.netns, "vpod0") == [old_ids[POD_PROGRAM]]
+    assert hook_prog_ids(node.netns, node.uplink_ifname) == [old_ids[UPLINK_PROGRAM]]
     first.kill()
+    # While no agent runs the programs stay attached (tcx links are pinned).
+    assert hook_prog_ids(node.netns, "vpod0") == [old_ids[POD_PROGRAM]]
 
-    second = lab.start_agent("n0")
+    second = lab.start_agent("n0", attach=attach_mode)
     new_ids = second.ready["program_ids"]
     assert sorted(second.ready["maps_reused"]) == sorted(MAP_NAMES)  # the live state
     assert second.ready["enrolled"] == [ip_of(lab, "n0p0")]
     assert set(new_ids.values()).isdisjoint(old_ids.values())  # freshly loaded programs
     for ifname in ("vpod0", "vpod1"):
-        assert filter_prog_ids(node.netns, ifname) == {new_ids[POD_PROGRAM]}
-    assert filter_prog_ids(node.netns, node.uplink_ifname) == {new_ids[UPLINK_PROGRAM]}
+        assert hook_prog_ids(node.netns, ifname) == [new_ids[POD_PROGRAM]]
+        assert hook_prog_ids(node.netns, ifname, "egress") == [new_ids[GUARD_PROGRAM]]
+    assert hook_prog_ids(node.netns, node.uplink_ifname) == [new_ids[UPLINK_PROGRAM]]
     # The pins now name the new programs, and nothing temporary is left in the pin dir.
-    assert sorted(os.listdir(node.pin_dir)) == sorted([*MAP_NAMES, *PROGRAM_NAMES])
+    assert set(os.listdir(node.pin_dir)) - {LINKS_DIR} == {*MAP_NAMES, *PROGRAM_NAMES}
     answer = lab.ask("n0p0", ip_of(lab, "n1p0"))
     assert (answer["who"], answer["pid"]) == ("agent", second.pid)
 
@@ -520,10 +511,18 @@ def test_loader_errors_reach_the_caller_with_the_loaders_message(
     monkeypatch.setenv("BCC_KERNEL_SOURCE", str(tmp_path / "no-headers"))
     with pytest.raises(CaptureError) as info:
         start_capture(base)
-    assert "Unable to find kernel headers" in info.value.log, str(info.value)
+    # (the loader's own check, ztunnel.capture.headers, says what to install or mount)
+    message = str(info.value)
+    assert "no kernel headers for the running kernel" in message, message
+    assert "BCC_KERNEL_SOURCE=" in message and "linux-headers-" in message, message
 
     # A missing source file, and nothing was pinned by any of the failed loads.
     monkeypatch.delenv("BCC_KERNEL_SOURCE")
     with pytest.raises(CaptureError, match="not found"):
         start_capture(replace(base, bpf_source=tmp_path / "x.c"))
     assert os.listdir(node.pin_dir) == []
+
+    # tcx asked for on a kernel without it: refused before anything is loaded.
+    if not kernel_has_tcx():
+        with pytest.raises(CaptureError, match="no tcx"):
+            start_capture(replace(base, attach="tcx"))

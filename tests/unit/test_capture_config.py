@@ -218,3 +218,22 @@ def test_the_agent_side_of_capture_does_not_import_bcc() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_attach_mode_and_accepted_programs_are_validated_and_round_trip() -> None:
+    cfg = config(attach="cls_bpf", allow_ahead=("cil_from_netdev", "*"), tc_priority=10)
+    assert CaptureConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    assert config().tc_priority == 1 and config().attach == "auto"  # the front by default
+    assert config().tc_handles == (0xA7, 0xA8)
+    assert config(tc_handle=0xFFFFFFFF).tc_alt_handle == 0xFFFFFFFE
+    for bad, path in (
+        ({"attach": "xdp"}, "attach"),
+        ({"allow_ahead": ["x"]}, "allow_ahead"),
+        ({"allow_ahead": ("",)}, "allow_ahead"),
+        ({"allow_ahead": ("a\x00",)}, "allow_ahead"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            config(**bad)
+        assert e.value.path == path
+    with pytest.raises(ConfigError, match="allow_ahead"):
+        CaptureConfig.from_json({**config().to_json(), "allow_ahead": "x"})

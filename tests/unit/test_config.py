@@ -150,3 +150,29 @@ def test_every_setting_has_a_flag_and_an_environment_variable() -> None:
     assert all(f.startswith("--") for f in flags)
     assert all(e and e.upper() == e for e in envs)
     assert all(h for _, _, h in described)
+
+
+def test_capture_ordering_settings() -> None:
+    s = parse(
+        ["--capture-attach", "cls_bpf", "--capture-tc-priority", "10"],
+        {
+            **BASE_ENV,
+            "ZTUNNEL_CAPTURE_ALLOW_AHEAD": "cil_from_netdev, xdp_lb",
+            "ZTUNNEL_CAPTURE_CHECK_INTERVAL": "0.5",
+        },
+    )
+    assert (s.capture_attach, s.capture_tc_priority) == ("cls_bpf", 10)
+    assert s.capture_allow_ahead == "cil_from_netdev, xdp_lb"
+    assert s.capture_check_interval == 0.5
+    defaults = parse([], BASE_ENV)
+    assert defaults.capture_attach == "auto" and defaults.capture_allow_ahead == ""
+    for argv, name in (
+        (["--capture-attach", "xdp"], "--capture-attach"),
+        (["--capture-tc-priority", "0"], "--capture-tc-priority"),
+        (["--capture-check-interval", "0"], "--capture-check-interval"),
+        (["--capture-check-interval", "nan"], "--capture-check-interval"),
+        (["--capture-allow-ahead", "a b"], "--capture-allow-ahead"),
+    ):
+        with pytest.raises(ConfigError) as exc:
+            parse(argv, BASE_ENV)
+        assert name in str(exc.value), (argv, str(exc.value))

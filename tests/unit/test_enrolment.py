@@ -145,3 +145,40 @@ async def test_state_survives_a_restart(tmp_path: Path) -> None:
 def test_client_reports_an_unreachable_agent(tmp_path: Path) -> None:
     with pytest.raises(EnrolmentError, match="not reachable"):
         request(str(tmp_path / "missing.sock"), {"op": "list"}, timeout=1)
+
+
+async def test_every_pod_record_answered_carries_its_capture_status(tmp_path: Path) -> None:
+    sock = str(tmp_path / "z.sock")
+    state = tmp_path / "pods.json"
+    svc = EnrolmentService(FakeBackend(), sock, str(state))
+    await svc.start()
+    try:
+        # Without a provider (a backend that does not report safety): never "ok".
+        unknown = (await _ask(sock, GOOD))["pod"]["capture"]
+        assert unknown["ok"] is False and "not reported" in unknown["detail"]
+        seen: list[tuple[str, bool]] = []
+
+        def status(key: str, rec: dict[str, Any]) -> dict[str, Any]:
+            seen.append((key, rec["enrolled"]))
+            bad = rec["ifname"] == "veth-bad"
+            return {"ok": not bad, "detail": "cni_pass runs ahead" if bad else "captured"}
+
+        svc.pod_status = status
+        good = (await _ask(sock, GOOD))["pod"]
+        assert good["capture"] == {"ok": True, "detail": "captured"} and good["enrolled"]
+        other = {**GOOD, "name": "echo-2", "ifname": "veth-bad", "ips": ["10.1.2.4"]}
+        assert (await _ask(sock, other))["pod"]["capture"]["ok"] is False
+        listed = (await _ask(sock, {"op": "list"}))["pods"]
+        assert {k: v["capture"]["ok"] for k, v in listed.items()} == {
+            "shop/echo-1": True,
+            "shop/echo-2": False,
+        }
+        answer = await _ask(sock, {"op": "unenrol", "namespace": "shop", "name": "echo-2"})
+        assert answer["pod"]["enrolled"] is False and "capture" in answer["pod"]
+        assert ("shop/echo-2", False) in seen
+        removed = await _ask(sock, {"op": "remove_pod", "namespace": "shop", "name": "echo-2"})
+        assert removed["pod"] is None
+    finally:
+        await svc.close()
+    # The status is computed for each answer, never stored.
+    assert all("capture" not in rec for rec in json.loads(state.read_text()).values())

@@ -19,7 +19,6 @@ HTTP attributes at L4, and the AUDIT and CUSTOM actions and `targetRef(s)` polic
 
 from __future__ import annotations
 
-import datetime
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from ztunnel.authz.policy import (
     StringMatch,
     WorkloadSelector,
 )
+from ztunnel.meshconfig.resource import parse_timestamp
 
 ROOT_NAMESPACE = "istio-system"
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
@@ -103,22 +103,13 @@ class _Doc:
 
 
 def _created(ctx: f.Ctx, value: Any, path: str) -> float | None:
-    """metadata.creationTimestamp as seconds; YAML may already have made it a datetime."""
+    """metadata.creationTimestamp as seconds."""
     if value is None:
         return None
-    when: datetime.datetime
-    if isinstance(value, datetime.datetime):
-        when = value
-    elif isinstance(value, str):
-        try:
-            when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise ctx.fail(path, f"not an RFC 3339 timestamp: {value!r}") from None
-    else:
-        raise ctx.fail(path, "expected an RFC 3339 timestamp")
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when.timestamp()
+    try:
+        return parse_timestamp(value)
+    except ValueError:
+        raise ctx.fail(path, f"not an RFC 3339 timestamp: {value!r}") from None
 
 
 def _read_doc(ctx: f.Ctx, index: int, where: str, obj: Mapping[str, Any]) -> _Doc:

@@ -63,6 +63,12 @@ def add_parser(sub: Any) -> None:
         help="rewrite the README's Benchmarks table (default: after full runs)",
     )
     p.add_argument(
+        "--l7",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the L7 section (waypoint vs nginx vs HAProxy; default: on, off with --quick)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="also sample the agents with py-spy under bulk, max-rate and "
@@ -103,6 +109,8 @@ def _plan(args: argparse.Namespace) -> Any:
             changes["memory_scenarios"] = ()
     if args.profile:
         changes["profile"] = True
+    if getattr(args, "l7", None) is not None:
+        changes["l7"] = args.l7
     return dataclasses.replace(plan, **changes)
 
 
@@ -163,6 +171,10 @@ def main(args: argparse.Namespace) -> int:
     (out / "latest.txt").write_text(text + "\n")
     print()
     print(text)
+    if "l7" in results:
+        from ztunnel.bench import l7
+
+        print("\nL7 (waypoint vs nginx vs HAProxy):\n" + l7.table(results["l7"]))
     print(
         f"\nwrote {out / 'latest.json'}, {out / 'latest.png'}, {out / 'latest.txt'} "
         f"in {results['elapsed_s']:.0f}s"
@@ -170,5 +182,9 @@ def main(args: argparse.Namespace) -> int:
     write_readme = args.readme if args.readme is not None else not plan.quick
     if write_readme and not failed and results["summary"]:
         report.update_readme(README, report.readme_section(results))
+        if "l7" in results:
+            from ztunnel.bench import l7
+
+            l7.update_readme(README, results["l7"])
         print(f"updated the Benchmarks section of {README}")
     return 1 if failed or results["errors"] else 0

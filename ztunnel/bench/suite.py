@@ -97,6 +97,7 @@ class Plan:
     memory_scenarios: tuple[str, ...] = ("mesh", "stunnel")
     profile: bool = False  # py-spy the agents of the mesh scenario (ztunnel.bench.profile)
     quick: bool = False
+    l7: bool = True  # the L7 section: waypoint vs nginx vs HAProxy (ztunnel.bench.l7)
 
     @classmethod
     def quick_plan(cls) -> Plan:
@@ -109,6 +110,7 @@ class Plan:
             memory_conns=300,
             memory_scenarios=("mesh",),
             quick=True,
+            l7=False,
         )
 
 
@@ -348,6 +350,14 @@ class Run:
             ) as e:
                 self.errors.append(f"memory {name}: {e}")
                 self.progress(f"  ERROR memory {name}: {e}")
+        if p.l7:
+            from ztunnel.bench import l7
+
+            try:
+                self.extra["l7"] = l7.run(p.reps, p.load_seconds, self.out_dir, self.progress)
+            except (BenchError, OSError) as e:
+                self.errors.append(f"l7: {e}")
+                self.progress(f"  ERROR l7: {e}")
         if p.profile:
             meshes = [n for n in ("mesh", "tproxy", "mesh-asyncio") if n in p.scenarios]
             try:

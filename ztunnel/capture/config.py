@@ -30,9 +30,15 @@ DEFAULT_PIN_ROOT = Path("/sys/fs/bpf")
 DEFAULT_MARK = 0x400
 DEFAULT_ROUTE_TABLE = 100
 DEFAULT_RULE_PRIORITY = 100
-# Our own place in each clsact hook; other filters (a primary CNI) keep theirs.
-DEFAULT_TC_PRIORITY = 10
+# Our own place in each clsact hook when tcx is not used: the first priority, so that our
+# filter runs before the primary CNI's (see ztunnel/capture/ordering.py); other filters
+# keep theirs. Moving ours back to the front of that priority swaps between two handles.
+DEFAULT_TC_PRIORITY = 1
 DEFAULT_TC_HANDLE = 0xA7
+# How ingress programs are attached: tcx links where the kernel has them, else cls_bpf.
+ATTACH_CHOICES = ("auto", "tcx", "cls_bpf")
+# Seconds between two checks of what runs ahead of our programs on the hooks.
+DEFAULT_CHECK_INTERVAL = 1.0
 DEFAULT_MAX_PODS = 4096
 DEFAULT_MAX_NODE_ADDRS = 64
 
@@ -109,6 +115,9 @@ class CaptureConfig:
     max_pods: int = DEFAULT_MAX_PODS
     max_node_addrs: int = DEFAULT_MAX_NODE_ADDRS
     bpf_source: Path = DEFAULT_BPF_SOURCE
+    attach: str = "auto"  # auto | tcx | cls_bpf (ATTACH_CHOICES)
+    # Programs (names, or "*") the operator accepts ahead of ours: see ordering.AcceptPolicy.
+    allow_ahead: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_addresses, tuple):
@@ -145,6 +154,23 @@ class CaptureConfig:
         _check_int("max_node_addrs", self.max_node_addrs, 1, 4096)
         if len(self.node_addresses) > self.max_node_addrs:
             raise ConfigError(SOURCE, "node_addresses", f"more than {self.max_node_addrs}")
+        if self.attach not in ATTACH_CHOICES:
+            raise ConfigError(
+                SOURCE, "attach", f"must be one of {', '.join(ATTACH_CHOICES)}, got {self.attach!r}"
+            )
+        if not isinstance(self.allow_ahead, tuple) or not all(
+            isinstance(n, str) and n and n.isprintable() for n in self.allow_ahead
+        ):
+            raise ConfigError(SOURCE, "allow_ahead", "must be a tuple of program names")
+
+    @property
+    def tc_alt_handle(self) -> int:
+        """Our second cls_bpf handle: ours is re-inserted under it to move it to the front."""
+        return self.tc_handle + 1 if self.tc_handle < 0xFFFFFFFF else self.tc_handle - 1
+
+    @property
+    def tc_handles(self) -> tuple[int, int]:
+        return (self.tc_handle, self.tc_alt_handle)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict of every field (how the agent hands its config to the loader)."""
@@ -157,6 +183,8 @@ class CaptureConfig:
                 value = str(value)
             elif isinstance(value, FailMode):
                 value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
             out[f.name] = value
         return out
 
@@ -184,6 +212,10 @@ class CaptureConfig:
                     value = Path(value)
                 elif name == "fail_mode":
                     value = FailMode(value)
+                elif name == "allow_ahead":
+                    if not isinstance(value, list):
+                        raise ValueError("must be a list of program names")
+                    value = tuple(value)
                 elif name in ("uplink_ifname", "netns") and not isinstance(value, str | None):
                     raise ValueError("must be a string or null")
             except (ValueError, TypeError) as exc:

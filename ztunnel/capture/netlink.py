@@ -1,8 +1,13 @@
-"""The one module that uses pyroute2: tc bpf filters and the local-delivery rule in one netns.
+"""The one module that uses pyroute2: tc filters, XDP and the local-delivery rule in one netns.
 
 Filters are ours by (priority, handle): we add, replace and delete only those, so other
 programs in the same clsact hook (a primary CNI's) keep working, and the clsact qdisc itself
-is never deleted. netlink errors become `CaptureError` carrying the errno.
+is never deleted. Listing a hook returns every filter of chain 0 (any kind) in the order the
+kernel runs them, and the XDP programs of the namespace's links: what runs ahead of ours.
+Those two listings run every check of the hooks (each second), so they are read with a plain
+rtnetlink dump socket and a small attribute parser (`RawDump`, `raw_attrs`) instead of
+pyroute2, whose message decoding costs milliseconds per link; changes go through pyroute2.
+netlink errors become `CaptureError` carrying the errno.
 
 pyroute2's synchronous `IPRoute` runs its own event loop: call these methods from a plain
 thread (e.g. `asyncio.to_thread`), never directly from a running asyncio loop.
@@ -13,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import os
 import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +35,30 @@ from ztunnel.capture.errors import CaptureError
 RT_SCOPE_HOST = 254
 RTPROT_STATIC = 4
 
+# rtnetlink as read by RawDump: include/uapi/linux/netlink.h (nlmsghdr, NLM_F_*, NLMSG_*),
+# include/uapi/linux/rtnetlink.h (RTM_*, struct ifinfomsg, struct tcmsg, TCA_*),
+# include/uapi/linux/if_link.h (IFLA_*, IFLA_XDP_*), include/uapi/linux/pkt_cls.h (TCA_BPF_*).
+NETLINK_ROUTE = 0
+RTM_GETLINK = 18
+RTM_GETTFILTER = 46
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+IFLA_IFNAME = 3
+IFLA_XDP = 43
+IFLA_XDP_PROG_IDS = (4, 5, 6, 7)  # PROG_ID, DRV_PROG_ID, SKB_PROG_ID, HW_PROG_ID
+TCA_KIND = 1
+TCA_OPTIONS = 2
+TCA_CHAIN = 11
+TCA_BPF_NAME = 7
+TCA_BPF_ID = 11
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IFINFOMSG = struct.Struct("=BBHiII")  # family, pad, type, index, flags, change
+_TCMSG = struct.Struct("=BBHiIII")  # family, pad, pad, ifindex, handle, parent, info
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+DUMP_TIMEOUT = 5.0
+
 
 class Direction(enum.Enum):
     """clsact hooks, by their parent handle (TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)."""
@@ -38,13 +69,102 @@ class Direction(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class TcFilter:
-    """A bpf filter found in a clsact hook."""
+    """A filter found in a clsact hook: for `kind` bpf, `name` is its TCA_BPF_NAME and
+    `prog_id` the program it runs; other kinds (u32, flower, ...) have neither."""
 
     ifname: str
     direction: Direction
     priority: int
     handle: int
     name: str
+    kind: str = "bpf"
+    prog_id: int = 0
+    chain: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LinkXdp:
+    """An interface's index and the XDP programs on it."""
+
+    index: int
+    xdp: tuple[int, ...] = ()
+
+
+def raw_attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    """The netlink attributes (type -> payload) packed in data[start:end]; the first of
+    each type wins. Malformed lengths end the walk (the kernel never sends them)."""
+    attrs: dict[int, bytes] = {}
+    pos = start
+    while pos + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, pos)
+        if length < 4 or pos + length > end:
+            break
+        attrs.setdefault(kind & _NLA_TYPE_MASK, data[pos + 4 : pos + length])
+        pos += (length + 3) & ~3
+    return attrs
+
+
+def _u32(value: bytes | None) -> int:
+    return int(struct.unpack("=I", value[:4])[0]) if value is not None and len(value) >= 4 else 0
+
+
+def _text(value: bytes | None) -> str:
+    return value.split(b"\0", 1)[0].decode(errors="replace") if value else ""
+
+
+class RawDump:
+    """rtnetlink dump requests on a plain NETLINK_ROUTE socket of one namespace: each answer
+    is the list of (message type, payload) of the dump; an NLMSG_ERROR raises OSError."""
+
+    def __init__(self, netns: str | None) -> None:
+        self._netns = netns
+        self._sock: socket.socket | None = None
+        self._seq = 0
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            # A netlink socket belongs to the namespace it was created in.
+            from ztunnel.capture.syscalls import call_in_netns
+
+            def make() -> socket.socket:
+                return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+
+            sock = call_in_netns(self._netns, make)
+            sock.settimeout(DUMP_TIMEOUT)
+            sock.bind((0, 0))
+            self._sock = sock
+        return self._sock
+
+    def dump(self, msg_type: int, body: bytes) -> list[tuple[int, bytes]]:
+        sock = self._socket()
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        header = _NLMSGHDR.pack(
+            _NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0
+        )
+        sock.send(header + body)
+        messages: list[tuple[int, bytes]] = []
+        while True:
+            data = sock.recv(1 << 16)
+            pos = 0
+            while pos + _NLMSGHDR.size <= len(data):
+                length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, pos)
+                if length < _NLMSGHDR.size or pos + length > len(data):
+                    raise OSError(errno.EBADMSG, "truncated netlink message")
+                payload = data[pos + _NLMSGHDR.size : pos + length]
+                pos += (length + 3) & ~3
+                if seq != self._seq:
+                    continue  # an answer to an earlier request that timed out
+                if kind == NLMSG_DONE:
+                    return messages
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+                    raise OSError(code or errno.EIO, os.strerror(code or errno.EIO))
+                messages.append((kind, payload))
 
 
 @contextmanager
@@ -66,6 +186,7 @@ class Netlink:
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
         self._ipr: Any = None
+        self._raw = RawDump(netns)
 
     def __enter__(self) -> Netlink:
         return self
@@ -82,6 +203,7 @@ class Netlink:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        self._raw.close()
 
     @property
     def _where(self) -> str:
@@ -176,34 +298,76 @@ class Netlink:
             ) from exc
         return True
 
-    def bpf_filters(self, ifname: str, direction: Direction = Direction.INGRESS) -> list[TcFilter]:
-        """The bpf filters in one clsact hook (empty if the interface or the hook is absent)."""
+    def tc_filters(self, ifname: str, direction: Direction = Direction.INGRESS) -> list[TcFilter]:
+        """Every filter of chain 0 of a clsact hook, in the order the kernel runs them
+        (by priority, then as listed); empty if the interface or the hook is absent."""
         index = self.ifindex(ifname)
         if index is None:
             return []
+        return self.tc_filters_of(index, ifname, direction)
+
+    def tc_filters_of(self, index: int, ifname: str, direction: Direction) -> list[TcFilter]:
+        """`tc_filters` for an interface whose index is known."""
+        request = _TCMSG.pack(socket.AF_UNSPEC, 0, 0, index, 0, direction.value, 0)
         try:
-            messages = self._sock().get_filters(index=index, parent=direction.value)
-        except NetlinkError as exc:
-            if exc.code in (errno.EINVAL, errno.ENODEV, errno.ENOENT):
+            messages = self._raw.dump(RTM_GETTFILTER, request)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENODEV, errno.ENOENT):
                 return []
-            raise CaptureError(f"listing filters of {ifname} in {self._where}", exc.code) from exc
+            what = f"listing filters of {ifname} in {self._where}"
+            raise CaptureError(what, exc.errno or 0) from exc
         filters = []
-        for msg in messages:
-            # A dump lists each priority's chain head (handle 0) before its filters.
-            if msg.get_attr("TCA_KIND") != "bpf" or not msg["handle"]:
+        for _kind, payload in messages:
+            if len(payload) < _TCMSG.size:
                 continue
-            options = msg.get_attr("TCA_OPTIONS")
-            name = options.get_attr("TCA_BPF_NAME") if options is not None else None
+            _f, _p1, _p2, _index, handle, _parent, info = _TCMSG.unpack_from(payload)
+            # A dump lists each priority's chain head (handle 0) before its filters.
+            if not handle:
+                continue
+            attrs = raw_attrs(payload, _TCMSG.size, len(payload))
+            if _u32(attrs.get(TCA_CHAIN)) != 0:
+                continue  # reached only through a jump from a chain-0 filter
+            kind = _text(attrs.get(TCA_KIND))
+            options = attrs.get(TCA_OPTIONS) or b""
+            bpf = raw_attrs(options, 0, len(options)) if kind == "bpf" else {}
             filters.append(
                 TcFilter(
                     ifname=ifname,
                     direction=direction,
-                    priority=int(msg["info"]) >> 16,
-                    handle=int(msg["handle"]),
-                    name=str(name or ""),
+                    priority=info >> 16,
+                    handle=handle,
+                    name=_text(bpf.get(TCA_BPF_NAME)),
+                    kind=kind,
+                    prog_id=_u32(bpf.get(TCA_BPF_ID)),
                 )
             )
+        filters.sort(key=lambda f: f.priority)  # stable: keeps the kernel's order within one
         return filters
+
+    def bpf_filters(self, ifname: str, direction: Direction = Direction.INGRESS) -> list[TcFilter]:
+        """The bpf filters in one clsact hook (empty if the interface or the hook is absent)."""
+        return [f for f in self.tc_filters(ifname, direction) if f.kind == "bpf"]
+
+    def links(self) -> dict[str, LinkXdp]:
+        """Every interface of the namespace by name, with its index and the ids of its XDP
+        programs (one per attach mode; with several modes at once the kernel reports each
+        mode's program separately): one dump for a whole check of the hooks."""
+        request = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0)
+        try:
+            messages = self._raw.dump(RTM_GETLINK, request)
+        except OSError as exc:
+            raise CaptureError(f"listing links in {self._where}", exc.errno or 0) from exc
+        found: dict[str, LinkXdp] = {}
+        for _kind, payload in messages:
+            if len(payload) < _IFINFOMSG.size:
+                continue
+            index = _IFINFOMSG.unpack_from(payload)[3]
+            attrs = raw_attrs(payload, _IFINFOMSG.size, len(payload))
+            xdp = attrs.get(IFLA_XDP) or b""
+            nested = raw_attrs(xdp, 0, len(xdp))
+            ids = {_u32(nested.get(kind)) for kind in IFLA_XDP_PROG_IDS} - {0}
+            found[_text(attrs.get(IFLA_IFNAME))] = LinkXdp(index, tuple(sorted(ids)))
+        return found
 
     def ensure_local_delivery(self, mark: int, table: int, priority: int) -> None:
         """`ip rule add fwmark MARK/MARK lookup TABLE` + `ip route replace local 0/0 dev lo`.

@@ -24,15 +24,38 @@ from ztunnel.capture.errors import CaptureError
 
 POD_PROGRAM = "capture_pod"
 UPLINK_PROGRAM = "capture_uplink"
-PROGRAM_NAMES = (POD_PROGRAM, UPLINK_PROGRAM)
+GUARD_PROGRAM = "capture_guard"
+# The second copy of each ingress program (see bpf/capture.c): what a tcx hook gets when
+# ours is moved back to the front of its chain.
+POD_PROGRAM_COPY = "capture_pod2"
+UPLINK_PROGRAM_COPY = "capture_uplink2"
+PROGRAM_NAMES = (
+    POD_PROGRAM,
+    POD_PROGRAM_COPY,
+    UPLINK_PROGRAM,
+    UPLINK_PROGRAM_COPY,
+    GUARD_PROGRAM,
+)
+# Each program and its twin (the guard has none: nothing is re-ordered on egress).
+PROGRAM_TWINS: Mapping[str, str] = {
+    POD_PROGRAM: POD_PROGRAM_COPY,
+    POD_PROGRAM_COPY: POD_PROGRAM,
+    UPLINK_PROGRAM: UPLINK_PROGRAM_COPY,
+    UPLINK_PROGRAM_COPY: UPLINK_PROGRAM,
+}
 
 ENROLLED_MAP = "enrolled_pods"
 NODE_ADDRS_MAP = "node_addrs"
 CONFIG_MAP = "capture_config"
 LISTENERS_MAP = "listeners"
-MAP_NAMES = (ENROLLED_MAP, NODE_ADDRS_MAP, CONFIG_MAP, LISTENERS_MAP)
+UNSAFE_MAP = "unsafe_pods"
+MAP_NAMES = (ENROLLED_MAP, NODE_ADDRS_MAP, CONFIG_MAP, LISTENERS_MAP, UNSAFE_MAP)
 
-CONFIG_FAIL_MODE = 0  # CONFIG_FAIL_MODE in bpf/capture.c
+# capture_config slots and the CONFIG_GUARD bits (bpf/capture.c)
+CONFIG_FAIL_MODE = 0
+CONFIG_GUARD = 1
+GUARD_UPLINK = 1
+GUARD_PODS = 2
 
 _U32 = struct.Struct("=I")
 _POD_INFO = struct.Struct("=II")  # struct pod_info {u32 host_ifindex; u32 flags;}
@@ -52,6 +75,7 @@ MAP_LAYOUTS: Mapping[str, MapLayout] = {
     NODE_ADDRS_MAP: MapLayout(syscalls.BPF_MAP_TYPE_HASH, 4, 4),
     CONFIG_MAP: MapLayout(syscalls.BPF_MAP_TYPE_ARRAY, 4, 4),
     LISTENERS_MAP: MapLayout(syscalls.BPF_MAP_TYPE_SOCKMAP, 4, 4),
+    UNSAFE_MAP: MapLayout(syscalls.BPF_MAP_TYPE_HASH, 4, 4),
 }
 
 
@@ -241,6 +265,37 @@ class CaptureMaps:
 
     def node_addresses(self) -> frozenset[ipaddress.IPv4Address]:
         return frozenset(ipaddress.IPv4Address(key) for key in self._keys(NODE_ADDRS_MAP))
+
+    def set_unsafe(self, unsafe: Mapping[ipaddress.IPv4Address, int], uplink: bool) -> None:
+        """Makes the refused set exactly `unsafe` (address -> ifindex of its unsafe veth) plus
+        the uplink flag; see bpf/capture.c. Additions (and the flag) first, then removals,
+        so a check never lets an address out early."""
+        wanted = {_ip_key(ip): index for ip, index in unsafe.items()}
+        flags = (GUARD_UPLINK if uplink else 0) | (GUARD_PODS if wanted else 0)
+        current = self.guard_flags()
+        for key, index in wanted.items():
+            self._update(UNSAFE_MAP, key, _U32.pack(index))
+        self._update(CONFIG_MAP, _U32.pack(CONFIG_GUARD), _U32.pack(flags | current))
+        for key in self._keys(UNSAFE_MAP):
+            if key not in wanted:
+                self._delete(UNSAFE_MAP, key)
+        if flags != flags | current:
+            self._update(CONFIG_MAP, _U32.pack(CONFIG_GUARD), _U32.pack(flags))
+
+    def unsafe(self) -> dict[ipaddress.IPv4Address, int]:
+        """The refused addresses and the ifindex of each one's unsafe veth."""
+        fd = self._fd(UNSAFE_MAP)
+        result: dict[ipaddress.IPv4Address, int] = {}
+        for key in self._keys(UNSAFE_MAP):
+            value = syscalls.map_lookup(fd, key, 4)
+            if value is not None:
+                result[ipaddress.IPv4Address(key)] = _U32.unpack(value)[0]
+        return result
+
+    def guard_flags(self) -> int:
+        """The CONFIG_GUARD bits: GUARD_UPLINK, GUARD_PODS."""
+        value = syscalls.map_lookup(self._fd(CONFIG_MAP), _U32.pack(CONFIG_GUARD), 4)
+        return _U32.unpack(value)[0] if value is not None else 0
 
     def set_listener(self, slot: ListenerSlot, sock_fd: int) -> None:
         """Puts a listening socket (IP_TRANSPARENT, in the node netns) into its sockmap slot.

@@ -149,7 +149,11 @@ def main(
         + (", state and certificates from a test istiod" if istiod else "")
         + (f", from image {image.image} (podman)" if image else "")
     )
-    t = runner.up(nodes, pods, progress, istiod=istiod, image=image)
+    from ztunnel.lab import waypoint as waypoint_lab  # the L7 part (waypoint) of the demo
+
+    t = runner.up(
+        nodes, max(pods, waypoint_lab.PODS_PER_NODE), progress, istiod=istiod, image=image
+    )
     try:
         print(
             f"  lab {t.lab_id} up in {time.monotonic() - t0:.1f}s: "
@@ -192,6 +196,8 @@ def main(
             print(f"  agent {n.name} counters: {shown or '(none)'}")
         failed = [r for r in rows if r[-1] != "PASS"]
         print(f"\n{len(rows) - len(failed)} of {len(rows)} flows behaved as expected.")
+        wrows = waypoint_lab.demo(t, progress, table)
+        failed += [r for r in wrows if r[-1] != "PASS"]
         return 1 if failed else 0
     finally:
         if keep:

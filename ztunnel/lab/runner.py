@@ -111,11 +111,21 @@ def mesh_state(t: Topology) -> dict[str, Any]:
     }
 
 
+def extra_agent_args(t: Topology) -> list[str]:
+    """Flags `up(agent_args=...)` gave every agent of the lab (kept for restarts)."""
+    path = lab_dir(t.lab_id) / "agent-args.json"
+    try:
+        args = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [str(a) for a in args] if isinstance(args, list) else []
+
+
 def agent_argv(t: Topology, node: NodeSpec) -> list[str]:
-    return [sys.executable, "-m", "ztunnel", *agent_args(t, node)]
+    return [sys.executable, "-m", "ztunnel", *run_args(t, node)]
 
 
-def agent_args(t: Topology, node: NodeSpec) -> list[str]:
+def run_args(t: Topology, node: NodeSpec) -> list[str]:
     """The agent's command line after `ztunnel` (the same from the venv and in the image)."""
     d = lab_dir(t.lab_id)
     nd = d / node.name
@@ -152,6 +162,7 @@ def agent_args(t: Topology, node: NodeSpec) -> list[str]:
         str(READY_PORT),
         "--drain-timeout",
         "2",
+        *extra_agent_args(t),
     ]
 
 
@@ -187,7 +198,7 @@ def start_agent(t: Topology, node: NodeSpec) -> int:
     if image is None:
         proc = topo.popen_in_netns(node.netns, agent_argv(t, node), **io)
     else:
-        proc = lab_image.start_agent(t.lab_id, node, image, agent_args(t, node), **io)
+        proc = lab_image.start_agent(t.lab_id, node, image, run_args(t, node), **io)
     log.close()
     (nd / "agent.pid").write_text(str(proc.pid))
     return proc.pid
@@ -310,10 +321,14 @@ def up(
     pods: int = 3,
     progress: Progress = _quiet,
     istiod: bool = False,
+    agent_args: tuple[str, ...] = (),
+    before_agents: Callable[[Topology], None] | None = None,
     image: lab_image.ImageOptions | None = None,
 ) -> Topology:
-    """Builds a lab and starts everything: the mesh state from a file or a test istiod, agents
-    from the venv or, given `image`, from the OCI image with podman."""
+    """Builds and starts a lab. `agent_args` are extra `ztunnel run` flags for every agent;
+    `before_agents` runs once the namespaces exist, before any agent starts (e.g. to put
+    another component's programs on the hooks first); given `image`, the agents run from the
+    OCI image with podman instead of the venv."""
     if nodes < 1 or pods < 1:
         raise LabError("a lab needs at least one node and one pod per node")
     progress(f"creating {nodes} nodes x {pods} pods (network namespaces, veths, bridge)")
@@ -328,6 +343,9 @@ def up(
         if istiod:
             progress("starting the test istiod in the lab network (xDS + CA on :15012)")
             istiod_lab.start(t)
+        (d / "agent-args.json").write_text(json.dumps(list(agent_args)))
+        if before_agents is not None:
+            before_agents(t)
         progress("starting applications in pods")
         for pod in t.pods():
             start_apps(t, pod)
@@ -465,6 +483,7 @@ def print_status() -> int:
             except EnrolmentError:
                 pods = {}
             enrolled = sorted(k for k, v in pods.items() if v.get("enrolled"))
+            refused = sorted(k for k, v in pods.items() if not v.get("capture", {}).get("ok"))
             totals = metrics_totals(node) if alive else {}
             opened = {k: int(v) for k, v in totals.items() if "opened" in k}
             print(
@@ -472,5 +491,7 @@ def print_status() -> int:
                 f"{'running' if alive else 'NOT RUNNING'}{', ready' if ready else ''}"
             )
             print(f"    enrolled: {', '.join(enrolled) or '-'}")
+            if refused:
+                print(f"    capture NOT safe (see `ztunnel ctl capture`): {', '.join(refused)}")
             print(f"    connections opened: {opened or '-'}")
     return 0
