@@ -113,15 +113,18 @@ if [ -d /var/cache/apt/archives ]; then
   CACHE=(--volume /var/cache/apt/archives:/var/cache/apt/archives:O)
 fi
 LOG="$ROOT/build/image/build.log"
+BUILD_ID="$(date +%s)-$$-$RANDOM"
 if ! podman build --pull="$PULL" --network host --build-arg "BASE=$BASE" "${CACHE[@]}" \
+  --build-arg "BUILD_ID=$BUILD_ID" \
   -f deploy/image/Containerfile -t "$TAG" . >"$LOG" 2>&1; then
   tail -n 40 "$LOG" >&2
   echo "build-image: podman build failed; the whole log is $LOG" >&2
   exit 1
 fi
-# The build stage's image is only a step: remove it (the runtime stage stays as a cache).
-podman images --quiet --filter dangling=true --filter label=ztunnel-py.stage=build |
-  xargs --no-run-if-empty podman rmi --force >/dev/null 2>&1 || true
+# This build's build-stage image is only a step: remove it (the runtime stage stays as a
+# cache); builds running in parallel on this machine keep theirs.
+podman images --quiet --filter "label=ztunnel-py.build-stage=$BUILD_ID" |
+  xargs --no-run-if-empty podman rmi >/dev/null 2>&1 || true
 size=$(podman image inspect --format '{{.Size}}' "$TAG")
 step "built $TAG ($((size / 1024 / 1024)) MiB)"
 if [ -n "$SAVE" ]; then
