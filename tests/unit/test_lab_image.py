@@ -86,3 +86,17 @@ def test_options_survive_the_lab_state_and_bad_state_is_an_error(
         (tmp_path / LAB / "image.json").write_text(bad)
         with pytest.raises(LabError, match="image"):
             lab_image.load(LAB)
+
+
+def test_other_node_processes_run_with_every_capability_dropped() -> None:
+    argv = lab_image.process_command(
+        LAB, f"{LAB}-n0", "n0-controller", ImageOptions("img"),
+        ["/venv/bin/python", "-m", "cni", "controller", "--node-name", "n0"],
+    )  # fmt: skip
+    i = argv.index("img")
+    assert argv[i + 1 :] == ["python", "-m", "cni", "controller", "--node-name", "n0"]
+    assert flag_values(argv[:i], "--cap-drop") == ["all"] and "--cap-add" not in argv
+    assert flag_values(argv[:i], "--network") == [f"ns:/run/netns/{LAB}-n0"]
+    assert flag_values(argv[:i], "--name") == [f"{LAB}-n0-controller"]
+    with pytest.raises(LabError, match="python -m MODULE"):
+        lab_image.process_command(LAB, "x", "y", ImageOptions("img"), ["ztunnel-cni"])

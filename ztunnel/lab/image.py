@@ -179,6 +179,38 @@ def start_agent(
     )
 
 
+def process_command(
+    lab_id: str, netns: str, name: str, options: ImageOptions, argv: Sequence[str]
+) -> list[str]:
+    """`podman run` for another of the DaemonSet's processes on a node (the CNI installer, the
+    enrolment controller), started as `python -m MODULE ...`: the image's Python runs it in the
+    node's namespace with what the manifests give those containers (every capability dropped,
+    a read-only root) and the lab's state directory."""
+    if len(argv) < 3 or argv[1] != "-m":
+        raise LabError(f"not a `python -m MODULE` command: {list(argv)[:3]}")
+    state = topo.STATE_DIR / lab_id
+    return [
+        "podman", "run", "--rm",
+        "--name", f"{lab_id}-{name}",
+        "--label", f"{LABEL}={lab_id}",
+        "--network", f"ns:{topo.NETNS_DIR / netns}",
+        "--read-only",
+        "--cap-drop", "all",
+        "--volume", f"{state}:{state}",
+        options.image, "python", *argv[1:],
+    ]  # fmt: skip
+
+
+def start_process(
+    lab_id: str, netns: str, name: str, options: ImageOptions, argv: Sequence[str], **popen: Any
+) -> subprocess.Popen[Any]:
+    """Starts `process_command` in the foreground (the podman process stands for it)."""
+    with contextlib.suppress(LabError):
+        podman(["rm", "--force", "--ignore", "--time", "2", f"{lab_id}-{name}"])
+    argv = process_command(lab_id, netns, name, options, argv)
+    return subprocess.Popen(argv, env=podman_env(), **popen)
+
+
 def remove_agent(lab_id: str, node: str) -> None:
     """Removes a node's agent container if it is still there (after a kill); idempotent."""
     with contextlib.suppress(LabError):
