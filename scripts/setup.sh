@@ -15,6 +15,7 @@ pkgs=(
   python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2   # eBPF capture (bcc) and netlink
   stunnel4 iperf3 tcpdump nftables                         # benchmark peers, captures, tproxy
   nodejs                                                   # HTTP/2 interop peer (nghttp2)
+  containernetworking-plugins                              # real CNI plugins (bridge, ptp, host-local) for the Kubernetes lab
   nginx-light haproxy nghttp2-client curl                  # waypoint: L7 benchmark peers, HTTP clients
   python3-venv                                             # the venv on a plain Debian (lab VM)
   podman runc buildah mmdebstrap                           # the OCI image: offline build, image lab

@@ -14,7 +14,8 @@ Where things are, bottom to top:
   (outbound, inbound, SOCKS5, relay), `capture` (eBPF via bcc + pyroute2), `kernel_capture`
   (the agent's side of it: enrolment API, periodic hook checks), `capture_report` (what the
   checks found: metrics, readiness, `ctl capture`).
-- composition root and commands: `app` (the Agent), `cli`, `demo`, `lab`.
+- composition root and commands: `app` (the Agent), `cli`, `demo`, `lab`, `analyze`
+  (istioctl-style configuration analysis on `meshconfig`).
 """
 
 __version__ = "0.1.0"

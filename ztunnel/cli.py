@@ -1,6 +1,7 @@
 """The `ztunnel` command: `run` (the node agent), `ca` (the built-in CA), `demo` (two agents
 on loopback), `ctl` (inspect a running agent), `lab` (the namespace lab), `bench` (the
-benchmark suite). Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage."""
+benchmark suite), `analyze` (configuration analysis, istioctl's exit codes). Exit codes: 0 ok,
+1 runtime failure, 2 bad configuration or usage."""
 
 from __future__ import annotations
 
@@ -112,7 +113,14 @@ def _lab(args: argparse.Namespace) -> int:
             )
             return 0
         if args.lab_command == "demo":
-            return demo.main(args.nodes, args.pods, args.keep, args.istiod, image)
+            rc = 0
+            if args.mode in ("all", "k8s"):  # the Kubernetes story (ztunnel.lab.k8sdemo)
+                from ztunnel.lab import k8sdemo
+
+                rc |= k8sdemo.main(args.nodes, args.pods, args.cni)
+            if args.mode in ("all", "static"):
+                rc |= demo.main(args.nodes, args.pods, args.keep, args.istiod, image)
+            return rc
         if args.lab_command == "machine":
             from ztunnel.lab import machine_cli
 
@@ -165,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     ctl.add_parser(sub)
+    # `ztunnel analyze`: istioctl-style analysis (ztunnel.analyze), its own parser and exit codes.
+    from ztunnel.analyze import command as analyze_command
+
+    analyze_command.add_parser(sub)
     lab = sub.add_parser("lab", help="the network-namespace lab (root): nodes, pods, eBPF")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     for name, text in (
@@ -181,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "demo":
             p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+            p.add_argument(
+                "--mode",
+                choices=["all", "k8s", "static"],
+                default="all",
+                help="k8s: the Kubernetes story (API server stand-in, CNI, enrolment by label); "
+                "static: the lab with the mesh file and the waypoint; all: both (default)",
+            )
+            p.add_argument(
+                "--cni", choices=["ptp", "bridge"], default="ptp", help="primary CNI (k8s mode)"
+            )
         p.add_argument(
             "--istiod",
             action="store_true",
@@ -206,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["analyze"]:
+        from ztunnel.analyze.command import main as analyze_main
+
+        return analyze_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     rc: int = args.func(args)

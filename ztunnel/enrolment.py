@@ -4,7 +4,12 @@ A Unix socket speaking one JSON object per line each way. The lab drives it now;
 plugin calls it when pods come and go. Requests (all idempotent):
 
   {"op": "add_pod", "namespace": N, "name": P, "ifname": VETH, "ips": [...], "enrol": bool}
-      attach the capture program to the pod's host-side veth; enrol it if asked
+      attach the capture program to the pod's host-side veth; enrol it if asked.
+      Optional: "uid" (the pod's uid, kept in the record), "netns" + "pod_ifname" (the pod's
+      network namespace path and interface): with them "ifname" may be empty and the agent
+      finds the host side from the pod interface's veth peer. A record holding any of the
+      same IPs under another name belongs to a pod that is gone (IPs are reused): removed.
+      A failed add_pod leaves nothing behind (no half-enrolled pod).
   {"op": "enrol", ...same fields}        enrol (and attach) a pod
   {"op": "unenrol", "namespace": N, "name": P}   stop capturing it (program stays attached)
   {"op": "remove_pod", "namespace": N, "name": P}  unenrol and detach (pod deleted)
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -58,6 +64,9 @@ class PodRequest:
     ifname: str = ""
     ips: tuple[IPAddress, ...] = ()
     enrol: bool = False
+    uid: str = ""
+    netns: str = ""
+    pod_ifname: str = ""
 
     @property
     def key(self) -> str:
@@ -85,10 +94,25 @@ def parse_request(line: bytes) -> PodRequest:
             raise ConfigError(src, f, "a non-empty string is required")
         fields[f] = v
     ifname = obj.get("ifname", "")
+    extra: dict[str, str] = {}
+    for f in ("uid", "netns", "pod_ifname"):
+        v = obj.get(f, "")
+        if not isinstance(v, str) or len(v) > 4096:
+            raise ConfigError(src, f, "must be a string")
+        extra[f] = v
+    if extra["netns"] and not extra["netns"].startswith("/"):
+        raise ConfigError(src, "netns", "must be an absolute path (CNI_NETNS)")
+    if extra["pod_ifname"] and len(extra["pod_ifname"]) > 15:
+        raise ConfigError(src, "pod_ifname", "an interface name of 1-15 characters is required")
     ips: list[IPAddress] = []
     if op in ("add_pod", "enrol"):
-        if not isinstance(ifname, str) or not ifname or len(ifname) > 15:
-            raise ConfigError(src, "ifname", "an interface name of 1-15 characters is required")
+        can_resolve = bool(extra["netns"] and extra["pod_ifname"])
+        if not isinstance(ifname, str) or len(ifname) > 15 or (not ifname and not can_resolve):
+            raise ConfigError(
+                src,
+                "ifname",
+                "an interface name of 1-15 characters is required (or netns and pod_ifname)",
+            )
         raw_ips = obj.get("ips")
         if not isinstance(raw_ips, list) or not raw_ips:
             raise ConfigError(src, "ips", "a non-empty list of IP addresses is required")
@@ -100,7 +124,9 @@ def parse_request(line: bytes) -> PodRequest:
     enrol = obj.get("enrol", op == "enrol")
     if not isinstance(enrol, bool):
         raise ConfigError(src, "enrol", "must be true or false")
-    return PodRequest(op, fields["namespace"], fields["name"], str(ifname), tuple(ips), enrol)
+    return PodRequest(
+        op, fields["namespace"], fields["name"], str(ifname), tuple(ips), enrol, **extra
+    )
 
 
 class CaptureBackend(Protocol):
@@ -113,6 +139,10 @@ class CaptureBackend(Protocol):
     def unenrol(self, req: PodRequest) -> None: ...
 
     def detach_pod(self, req: PodRequest) -> None: ...
+
+    def resolve_host_ifname(self, req: PodRequest) -> str:
+        """The host side of the pod's veth, from `req.netns` and `req.pod_ifname`."""
+        ...
 
 
 class EnrolmentService:
@@ -201,17 +231,40 @@ class EnrolmentService:
             return {"ok": True, "pods": {k: self._view(k, v) for k, v in self.pods.items()}}
         known = self.pods.get(req.key)
         if req.op in ("add_pod", "enrol"):
-            await call(self.backend.attach_pod, req)
+            if not req.ifname:
+                ifname = await loop.run_in_executor(
+                    self._executor, self.backend.resolve_host_ifname, req
+                )
+                req = dataclasses.replace(req, ifname=ifname)
             enrolled = req.enrol or req.op == "enrol"
-            if enrolled:
-                await call(self.backend.enrol, req)
-            elif known and known.get("enrolled"):
-                await call(self.backend.unenrol, self._stored(req.key, known))
+            try:
+                await call(self.backend.attach_pod, req)
+                if enrolled:
+                    await call(self.backend.enrol, req)
+                elif known and known.get("enrolled"):
+                    await call(self.backend.unenrol, self._stored(req.key, known))
+            except BaseException:
+                # Nothing half-enrolled: undo what this request may have done.
+                await self._undo(req, known)
+                raise
+            for other in self._holders_of(req):
+                # Same IP under another name: that pod is gone and its IP was reused.
+                log.info("enrolment: %s replaces %s (same IP)", req.key, other)
+                stale = self._stored(other, self.pods.pop(other))
+                keep = set(req.ips) if enrolled else set()
+                await call(
+                    self.backend.unenrol,
+                    dataclasses.replace(stale, ips=tuple(i for i in stale.ips if i not in keep)),
+                )
+                if stale.ifname != req.ifname:
+                    await call(self.backend.detach_pod, stale)
             self.pods[req.key] = {
                 "ifname": req.ifname,
                 "ips": [str(i) for i in req.ips],
                 "enrolled": enrolled,
             }
+            if req.uid:
+                self.pods[req.key]["uid"] = req.uid
         elif req.op == "unenrol":
             if known is not None:
                 await call(self.backend.unenrol, self._stored(req.key, known))
@@ -231,6 +284,31 @@ class EnrolmentService:
             return None
         status = self.pod_status(key, rec) if self.pod_status else dict(CAPTURE_UNKNOWN)
         return {**rec, "capture": status}
+
+    def _holders_of(self, req: PodRequest) -> list[str]:
+        ips = {str(i) for i in req.ips}
+        return [k for k, rec in self.pods.items() if k != req.key and ips & set(rec.get("ips", []))]
+
+    async def _undo(self, req: PodRequest, known: dict[str, Any] | None) -> None:
+        loop = asyncio.get_running_loop()
+        # Addresses another record holds enrolled stay enrolled (that pod is not ours to undo).
+        held = {
+            ip
+            for k, rec in self.pods.items()
+            if k != req.key and rec.get("enrolled")
+            for ip in rec.get("ips", [])
+        }
+        mine = dataclasses.replace(req, ips=tuple(i for i in req.ips if str(i) not in held))
+        try:
+            await loop.run_in_executor(self._executor, self.backend.unenrol, mine)
+            if known is None:
+                await loop.run_in_executor(self._executor, self.backend.detach_pod, req)
+                self.pods.pop(req.key, None)
+            else:
+                known["enrolled"] = False
+            self._save()
+        except (ZtunnelError, OSError) as e:
+            log.warning("enrolment: undoing %s %s failed: %s", req.op, req.key, e)
 
     @staticmethod
     def _stored(key: str, rec: dict[str, Any]) -> PodRequest:

@@ -89,6 +89,9 @@ class _Backend:
         if req.ifname:
             self.capture.detach_pod_interface(req.ifname)
 
+    def resolve_host_ifname(self, req: PodRequest) -> str:
+        return self.capture.host_ifname_of(req.netns, req.pod_ifname)
+
 
 class KernelCapture:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:

@@ -94,7 +94,11 @@ def test_quick_bench_writes_well_formed_results(tmp_path: Path) -> None:
     assert all(c["vcpu_per_1k_rps_fixed"] > 0 for c in cpu.values()), cpu
     assert all(v > 0 for v in results["idle_rss_bytes"]["ebpf"].values())
     mem = results["memory"]["mesh"]
-    assert mem["connections"] > 0 and mem["bytes_per_connection_total"] > 0, mem
+    # With quick mode's few hundred connections the RSS delta is within the allocator's noise
+    # (it can even be negative when the agent frees memory of an earlier scenario meanwhile):
+    # here only that it was measured; `ztunnel bench` judges it with 10,000 connections.
+    assert mem["connections"] > 0 and isinstance(mem["bytes_per_connection_total"], int), mem
+    assert all(v > 0 for v in mem["rss_with_connections"].values()), mem
     assert {t["target"] for t in results["targets"]} and all("met" in t for t in results["targets"])
 
     png = tmp_path / "latest.png"

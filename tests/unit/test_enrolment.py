@@ -147,6 +147,98 @@ def test_client_reports_an_unreachable_agent(tmp_path: Path) -> None:
         request(str(tmp_path / "missing.sock"), {"op": "list"}, timeout=1)
 
 
+class ResolvingBackend(FakeBackend):
+    """Also resolves a pod's host interface (from CNI_NETNS), like the kernel backend."""
+
+    def resolve_host_ifname(self, req: PodRequest) -> str:
+        self._call("resolve", req)
+        return "veth-" + req.netns.rsplit("/", 1)[-1]
+
+
+async def test_host_interface_is_resolved_from_the_pod_netns(tmp_path: Path) -> None:
+    backend = ResolvingBackend()
+    sock = str(tmp_path / "z.sock")
+    svc = EnrolmentService(backend, sock, str(tmp_path / "pods.json"))
+    await svc.start()
+    try:
+        req = {**GOOD, "ifname": "", "netns": "/run/netns/pod7", "pod_ifname": "eth0", "uid": "u-7"}
+        pod = (await _ask(sock, req))["pod"]
+        pod.pop("capture")
+        assert pod == {
+            "ifname": "veth-pod7",
+            "ips": ["10.1.2.3", "fd00::3"],
+            "enrolled": True,
+            "uid": "u-7",
+        }
+        assert backend.calls[:2] == [("resolve", "shop/echo-1"), ("attach", "shop/echo-1")]
+        for bad, field in (
+            ({"netns": "relative"}, "netns"),
+            ({"netns": ""}, "ifname"),
+            ({"pod_ifname": "x" * 16}, "pod_ifname"),
+            ({"uid": 5}, "uid"),
+        ):
+            with pytest.raises(EnrolmentError, match=field):
+                await _ask(sock, {**req, "name": "other", **bad})
+    finally:
+        await svc.close()
+
+
+async def test_failed_enrolment_leaves_nothing_half_enrolled(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    sock = str(tmp_path / "z.sock")
+    svc = EnrolmentService(backend, sock, str(tmp_path / "pods.json"))
+    await svc.start()
+    try:
+        await _ask(sock, GOOD)
+        # attach succeeds, enrol fails: the attach is undone, no record stays.
+        original = backend.enrol
+
+        def enrol(req: PodRequest) -> None:
+            if req.name == "late":
+                raise ZtunnelError("interface vanished during enrolment")
+            original(req)
+
+        backend.enrol = enrol  # type: ignore[method-assign]
+        with pytest.raises(EnrolmentError, match="vanished"):
+            await _ask(sock, {**GOOD, "name": "late", "ips": ["10.1.2.9"]})
+        pods = (await _ask(sock, {"op": "list"}))["pods"]
+        assert set(pods) == {"shop/echo-1"}
+        assert ("unenrol", "shop/late") in backend.calls and (
+            "detach",
+            "shop/late",
+        ) in backend.calls
+    finally:
+        await svc.close()
+
+
+async def test_a_reused_ip_replaces_the_stale_record(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    sock = str(tmp_path / "z.sock")
+    svc = EnrolmentService(backend, sock, str(tmp_path / "pods.json"))
+    await svc.start()
+    try:
+        await _ask(sock, GOOD)
+        await _ask(
+            sock,
+            {
+                **GOOD,
+                "namespace": "legacy",
+                "name": "new",
+                "ifname": "veth9",
+                "ips": ["10.1.2.3"],
+                "enrol": False,
+            },
+        )
+        pods = (await _ask(sock, {"op": "list"}))["pods"]
+        assert set(pods) == {"legacy/new"}
+        assert ("unenrol", "shop/echo-1") in backend.calls and (
+            "detach",
+            "shop/echo-1",
+        ) in backend.calls
+    finally:
+        await svc.close()
+
+
 async def test_every_pod_record_answered_carries_its_capture_status(tmp_path: Path) -> None:
     sock = str(tmp_path / "z.sock")
     state = tmp_path / "pods.json"

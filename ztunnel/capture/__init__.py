@@ -78,7 +78,7 @@ from ztunnel.capture.config import (
 )
 from ztunnel.capture.errors import CaptureError
 from ztunnel.capture.loader import run_loader
-from ztunnel.capture.netlink import Direction, Netlink
+from ztunnel.capture.netlink import Direction, Netlink, peer_ifindex_in
 from ztunnel.capture.objects import (
     GUARD_PROGRAM,
     POD_PROGRAM,
@@ -292,11 +292,20 @@ class Capture:
 
         `ips` are the pod's IPv4 addresses: if its hook turns out unsafe they are refused
         (see bpf/capture.c). Idempotent: attaching again replaces our program in place.
+        When the veth is a port of a Linux bridge (a `bridge` primary CNI), the pod program
+        also goes on the bridge device: a port's tc ingress runs before the bridge, and a
+        socket assigned there does not survive bridging, so routed traffic from the pods is
+        captured where the bridge passes it up to the node (its ingress). See the README for
+        frames the bridge forwards between two pods of the node.
         """
         self._attach_hook(host_ifname, HookKind.POD)
         self._pod_ifnames.add(host_ifname)
         known = self._pod_ips.get(host_ifname, ())
         self._pod_ips[host_ifname] = tuple(dict.fromkeys((*known, *ips)))
+        bridge = self._netlink.bridge_of(host_ifname)
+        if bridge is not None and bridge not in self._pod_ifnames:
+            self._attach_hook(bridge, HookKind.POD)
+            self._pod_ifnames.add(bridge)
         attacher = self._require_attacher()
         view = attacher.view(host_ifname)
         status = self._check_one(host_ifname, HookKind.POD, view, time.monotonic())
@@ -306,6 +315,17 @@ class Capture:
     def register_pod(self, host_ifname: str, ips: Iterable[ipaddress.IPv4Address]) -> None:
         """Tells which addresses a pod veth carries (after a restart, from stored records)."""
         self._pod_ips[host_ifname] = tuple(ips)
+
+    def host_ifname_of(self, pod_netns: str, pod_ifname: str) -> str:
+        """The node-side name of a pod's veth: the peer of `pod_ifname` inside `pod_netns`
+        (a path such as CNI_NETNS), looked up by ifindex in this node's namespace."""
+        peer = peer_ifindex_in(pod_netns, pod_ifname)
+        if peer is None:
+            raise CaptureError(f"{pod_ifname} in {pod_netns} is not a veth (no peer)")
+        name = self._netlink.ifnames().get(peer)
+        if name is None:
+            raise CaptureError(f"the peer of {pod_ifname} in {pod_netns} is not in this namespace")
+        return name
 
     def detach_pod_interface(self, host_ifname: str) -> None:
         """Removes our programs from a pod veth; a vanished interface is not an error."""

@@ -21,6 +21,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from types import TracebackType
 from typing import Any
 
 from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ztunnel.capture.errors import CaptureError
@@ -177,6 +179,37 @@ def _translated(what: str) -> Iterator[None]:
         raise CaptureError(what, exc.errno or 0) from exc
 
 
+def peer_ifindex_in(netns_path: str, ifname: str, timeout: float = 10.0) -> int | None:
+    """The veth peer's ifindex of `ifname` inside another namespace (a path, e.g. CNI_NETNS).
+
+    Read on a short-lived thread that enters the namespace: setns(2) moves only that thread.
+    (pyroute2's `IPRoute(netns=...)` forks the calling process for this, and a fork of the
+    agent would run the agent's own shutdown code in the child.)
+    """
+    result: list[int | None] = []
+    failure: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with _translated(f"entering {netns_path}"):
+                pyroute2_netns.setns(netns_path, flags=0)  # flags=0: never create it
+            with Netlink() as nl:
+                result.append(nl.peer_ifindex(ifname))
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=worker, name=f"netns lookup {netns_path}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise CaptureError(f"looking up {ifname} in {netns_path} timed out", errno.ETIMEDOUT)
+    if failure:
+        if isinstance(failure[0], CaptureError):
+            raise failure[0]
+        raise CaptureError(f"looking up {ifname} in {netns_path}: {failure[0]}")
+    return result[0]
+
+
 class Netlink:
     """rtnetlink in one network namespace: `netns` None is the current one, else a name.
 
@@ -236,6 +269,26 @@ class Netlink:
         if index is None:
             raise CaptureError(f"no interface {ifname} in {self._where}", errno.ENODEV)
         return index
+
+    def peer_ifindex(self, ifname: str) -> int | None:
+        """The ifindex of the other end of veth `ifname` (IFLA_LINK), or None if it has none."""
+        index = self._require_ifindex(ifname)
+        with _translated(f"reading {ifname} in {self._where}"):
+            link = self._sock().get_links(index)[0]
+        peer = link.get_attr("IFLA_LINK")
+        return int(peer) if peer else None
+
+    def bridge_of(self, ifname: str) -> str | None:
+        """The Linux bridge `ifname` is a port of (IFLA_MASTER of kind bridge), or None."""
+        index = self._require_ifindex(ifname)
+        with _translated(f"reading {ifname} in {self._where}"):
+            master = self._sock().get_links(index)[0].get_attr("IFLA_MASTER")
+            if not master:
+                return None
+            link = self._sock().get_links(int(master))[0]
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        return str(link.get_attr("IFLA_IFNAME")) if kind == "bridge" else None
 
     def ifnames(self) -> dict[int, str]:
         """All interfaces of the namespace: index -> name."""

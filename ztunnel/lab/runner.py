@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,7 +184,7 @@ def agent_ready(node: NodeSpec) -> tuple[bool, str]:
     return code == 200, body.strip()
 
 
-def start_agent(t: Topology, node: NodeSpec) -> int:
+def start_agent(t: Topology, node: NodeSpec, extra_args: Sequence[str] = ()) -> int:
     nd = lab_dir(t.lab_id) / node.name
     nd.mkdir(parents=True, exist_ok=True)
     log = open(nd / "agent.log", "ab")  # noqa: SIM115 - handed to the child
@@ -196,9 +196,10 @@ def start_agent(t: Topology, node: NodeSpec) -> int:
     }
     image = lab_image.load(t.lab_id)
     if image is None:
-        proc = topo.popen_in_netns(node.netns, agent_argv(t, node), **io)
+        proc = topo.popen_in_netns(node.netns, [*agent_argv(t, node), *extra_args], **io)
     else:
-        proc = lab_image.start_agent(t.lab_id, node, image, run_args(t, node), **io)
+        args = [*run_args(t, node), *extra_args]
+        proc = lab_image.start_agent(t.lab_id, node, image, args, **io)
     log.close()
     (nd / "agent.pid").write_text(str(proc.pid))
     return proc.pid

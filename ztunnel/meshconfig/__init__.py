@@ -16,7 +16,11 @@ Rooms, bottom to top:
   hostname rules (short names, wildcards, most specific match).
 - `networking`, `gateway`, `security`, `kube`: one frozen record type per kind, with parsers
   that name the resource and field of any error.
-- `load`: documents -> `ConfigSet` (every resource, warnings, skipped documents).
+- `registry`: `ServiceEntry` and the `networking.istio.io` Gateway, and (in `kube`) the
+  workload controllers' pod templates: parsed only with `ConfigOptions.analysis_kinds`, for
+  `ztunnel analyze`; the waypoint skips them.
+- `load`: documents -> `ConfigSet` (every resource, warnings, skipped documents; optionally
+  every bad document collected instead of the first raised).
 - `destinations`: DestinationRule merging and lookup (proxy namespace, service namespace,
   root namespace; subset over host; optional inheritance).
 - `compile`: `ConfigSet` + served services -> `RouteTable` (routes per host, policies per

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +107,20 @@ class Listener:
     name: str
     port: int
     protocol: str
+    hostname: str = ""
+    # allowedRoutes.namespaces: which namespaces may attach (Same, All, Selector); for a
+    # waypoint, which namespaces' services and workloads may use it.
+    allowed_from: str = "Same"
+    allowed_selector: tuple[tuple[str, str], ...] = ()
+
+    def allows_namespace(
+        self, gateway_namespace: str, namespace: str, labels: Mapping[str, str]
+    ) -> bool:
+        if self.allowed_from == "All":
+            return True
+        if self.allowed_from == "Selector":
+            return all(labels.get(k) == v for k, v in self.allowed_selector)
+        return namespace == gateway_namespace
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,16 +436,42 @@ def parse_gateway(f: Fields, meta: ResourceMeta) -> Gateway:
         lp = f"spec.listeners[{i}]"
         lst = f.mapping(raw, lp, required=True)
         f.check_keys(lst, lp, ("name", "port", "protocol", "hostname", "allowedRoutes", "tls"))
+        allowed_from, selector = _allowed_namespaces(f, lst.get("allowedRoutes"), lp)
         listeners.append(
             Listener(
                 f.string(lst.get("name"), f"{lp}.name"),
                 f.port(lst.get("port"), f"{lp}.port"),
                 f.string(lst.get("protocol"), f"{lp}.protocol"),
+                f.string(lst.get("hostname"), f"{lp}.hostname", required=False),
+                allowed_from,
+                selector,
             )
         )
     return Gateway(
         meta, f.string(spec.get("gatewayClassName"), "spec.gatewayClassName"), tuple(listeners)
     )
+
+
+def _allowed_namespaces(
+    f: Fields, raw: Any, listener_path: str
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """`allowedRoutes.namespaces`: (from, selector matchLabels); `from` defaults to Same."""
+    ap = f"{listener_path}.allowedRoutes"
+    allowed = f.mapping(raw, ap)
+    np = f"{ap}.namespaces"
+    ns = f.mapping(allowed.get("namespaces"), np)
+    frm = f.string(ns.get("from", "Same"), f"{np}.from")
+    if frm not in ("Same", "All", "Selector"):
+        raise f.fail(f"{np}.from", f"must be Same, All or Selector, got {frm!r}")
+    sel = f.mapping(ns.get("selector"), f"{np}.selector")
+    if sel.get("matchExpressions"):
+        f.warn(
+            f"{np}.selector.matchExpressions",
+            "not supported: only matchLabels selects namespaces",
+            "unsupported-field",
+        )
+    labels = f.string_map(sel.get("matchLabels"), f"{np}.selector.matchLabels")
+    return frm, tuple(sorted(labels.items()))
 
 
 def parse_reference_grant(f: Fields, meta: ResourceMeta) -> ReferenceGrant:

@@ -22,12 +22,15 @@ from ztunnel.meshconfig.gateway import (
     parse_reference_grant,
 )
 from ztunnel.meshconfig.kube import (
+    WORKLOAD_KINDS,
     KubeService,
     Namespace,
     Pod,
+    Workload,
     parse_namespace,
     parse_pod,
     parse_service,
+    parse_workload,
 )
 from ztunnel.meshconfig.networking import (
     NETWORKING_API_VERSIONS,
@@ -36,7 +39,19 @@ from ztunnel.meshconfig.networking import (
     parse_destination_rule,
     parse_virtual_service,
 )
-from ztunnel.meshconfig.resource import ConfigWarning, Fields, ResourceMeta, read_meta
+from ztunnel.meshconfig.registry import (
+    IstioGateway,
+    ServiceEntry,
+    parse_istio_gateway,
+    parse_service_entry,
+)
+from ztunnel.meshconfig.resource import (
+    ConfigWarning,
+    Fields,
+    ResourceError,
+    ResourceMeta,
+    read_meta,
+)
 from ztunnel.meshconfig.security import (
     SECURITY_API_VERSIONS,
     AuthorizationPolicy,
@@ -58,6 +73,15 @@ KINDS: dict[str, tuple[tuple[str, ...], bool]] = {
     "Pod": (("v1",), True),
     "Namespace": (("v1",), False),
 }
+# Kinds only analysis needs (`ConfigOptions.analysis_kinds`): registry entries, Istio's own
+# Gateway, and the controllers whose pod templates selectors and subsets must match.
+ANALYSIS_KINDS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "ServiceEntry": (NETWORKING_API_VERSIONS, True),
+    **{k: (("apps/v1",), True) for k in WORKLOAD_KINDS},
+}
+# Kinds whose name another API group also uses: (kind, api group) -> the key in the parser
+# table. The `networking.istio.io` Gateway is not the Gateway API's.
+ALTERNATE_KINDS: dict[tuple[str, str], str] = {("Gateway", "networking.istio.io"): "IstioGateway"}
 LOCAL_CONFIG_KEYS = frozenset({"workloads", "services", "policies"})
 
 
@@ -79,6 +103,10 @@ class ConfigOptions:
     # PILOT_ENABLE_DESTINATION_RULE_INHERITANCE: host-less DestinationRules in the root
     # namespace or a namespace are inherited by the specific rules below them.
     destination_rule_inheritance: bool = False
+    # The namespace of resources that do not name one (`kubectl apply -n`).
+    default_namespace: str = "default"
+    # Also parse ANALYSIS_KINDS and the networking.istio.io Gateway (else they are skipped).
+    analysis_kinds: bool = False
 
 
 @dataclass
@@ -95,6 +123,9 @@ class ConfigSet:
     services: list[KubeService] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
     namespaces: list[Namespace] = field(default_factory=list)
+    service_entries: list[ServiceEntry] = field(default_factory=list)
+    istio_gateways: list[IstioGateway] = field(default_factory=list)
+    workloads: list[Workload] = field(default_factory=list)  # Deployments, StatefulSets...
     warnings: list[ConfigWarning] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     documents: list[SourceDocument] = field(default_factory=list)
@@ -109,6 +140,9 @@ class ConfigSet:
         yield from self.services
         yield from self.pods
         yield from self.namespaces
+        yield from self.service_entries
+        yield from self.istio_gateways
+        yield from self.workloads
 
     def namespace(self, name: str) -> Namespace | None:
         return next((n for n in self.namespaces if n.meta.name == name), None)
@@ -140,13 +174,16 @@ def _expand(doc: SourceDocument) -> list[SourceDocument]:
 
 
 def parse_documents(
-    docs: Iterable[SourceDocument], options: ConfigOptions | None = None
+    docs: Iterable[SourceDocument],
+    options: ConfigOptions | None = None,
+    errors: list[ResourceError] | None = None,
 ) -> ConfigSet:
     """Parse documents into a ConfigSet; a bad field raises `ResourceError` (a ConfigError)
-    naming the file, line, resource and field path."""
+    naming the file, line, resource and field path. With `errors`, a bad document is recorded
+    there instead and left out, and the other documents are still parsed (`ztunnel analyze`
+    reports every bad resource, not just the first)."""
     cs = ConfigSet(options or ConfigOptions())
-    seen: dict[tuple[str, str, str], ResourceMeta] = {}
-    order = 0
+    seen: dict[tuple[str, str, str, str], ResourceMeta] = {}
     parsers: dict[str, tuple[Callable[[Fields, ResourceMeta], Any], list[Any]]] = {
         "VirtualService": (parse_virtual_service, cs.virtual_services),
         "DestinationRule": (
@@ -160,47 +197,75 @@ def parse_documents(
         "Service": (parse_service, cs.services),
         "Pod": (parse_pod, cs.pods),
         "Namespace": (parse_namespace, cs.namespaces),
+        "ServiceEntry": (parse_service_entry, cs.service_entries),
+        "IstioGateway": (parse_istio_gateway, cs.istio_gateways),
+        **{k: (parse_workload, cs.workloads) for k in WORKLOAD_KINDS},
     }
+    order = 0
     for top in docs:
         for doc in _expand(top):
             cs.documents.append(doc)
             f = Fields(doc, cs.warnings)
-            obj = f.mapping(doc.obj, "")
-            kind = obj.get("kind")
-            if kind is None:
-                if set(obj) <= LOCAL_CONFIG_KEYS:
-                    cs.skipped.append(
-                        Skipped(doc.file, doc.line, "", "", "mesh state (local config)")
-                    )
-                    continue
-                raise f.fail("kind", "is required (or the document is not a resource)")
-            kind = f.string(kind, "kind")
-            api = f.string(obj.get("apiVersion"), "apiVersion")
-            if kind not in KINDS:
-                name = str(f.mapping(obj.get("metadata"), "metadata").get("name", ""))
-                cs.skipped.append(Skipped(doc.file, doc.line, kind, name, "kind not modelled"))
-                continue
-            versions, namespaced = KINDS[kind]
-            if api not in versions:
-                if kind in ("Service", "Pod", "Namespace", "Gateway"):
-                    # e.g. networking.istio.io Gateway: a different resource of the same name
-                    name = str(f.mapping(obj.get("metadata"), "metadata").get("name", ""))
-                    cs.skipped.append(
-                        Skipped(doc.file, doc.line, kind, name, f"apiVersion {api} not modelled")
-                    )
-                    continue
-                raise f.fail("apiVersion", f"expected one of {', '.join(versions)}, got {api!r}")
-            f.check_keys(obj, "", ("apiVersion", "kind", "metadata", "spec", "status"))
-            meta = read_meta(f, kind, api, order, namespaced)
-            order += 1
-            f.meta = meta
-            if meta.key in seen:
-                first = seen[meta.key]
-                raise f.fail("metadata.name", f"duplicate {meta.label} (first at {first.origin})")
-            seen[meta.key] = meta
-            parse, into = parsers[kind]
-            into.append(parse(f, meta))
+            try:
+                parsed = _parse_one(cs, f, order, seen)
+                if parsed is not None:
+                    order += 1
+                    key, meta = parsed
+                    parse, into = parsers[key]
+                    into.append(parse(f, meta))
+            except ResourceError as e:
+                if errors is None:
+                    raise
+                errors.append(e)
     return cs
+
+
+def _parse_one(
+    cs: ConfigSet, f: Fields, order: int, seen: dict[tuple[str, str, str, str], ResourceMeta]
+) -> tuple[str, ResourceMeta] | None:
+    """The parser key and metadata of one document; None when it is skipped (recorded)."""
+    doc = f.doc
+    obj = f.mapping(doc.obj, "")
+    kind = obj.get("kind")
+    if kind is None:
+        if set(obj) <= LOCAL_CONFIG_KEYS:
+            cs.skipped.append(Skipped(doc.file, doc.line, "", "", "mesh state (local config)"))
+            return None
+        raise f.fail("kind", "is required (or the document is not a resource)")
+    kind = f.string(kind, "kind")
+    api = f.string(obj.get("apiVersion"), "apiVersion")
+    group = api.rpartition("/")[0]
+    versions: tuple[str, ...]
+    extra = cs.options.analysis_kinds
+    key = ALTERNATE_KINDS.get((kind, group), kind) if extra else kind
+    if key != kind:
+        versions, namespaced = NETWORKING_API_VERSIONS, True
+    elif kind in KINDS:
+        versions, namespaced = KINDS[kind]
+    elif extra and kind in ANALYSIS_KINDS:
+        versions, namespaced = ANALYSIS_KINDS[kind]
+    else:
+        name = str(f.mapping(obj.get("metadata"), "metadata").get("name", ""))
+        cs.skipped.append(Skipped(doc.file, doc.line, kind, name, "kind not modelled"))
+        return None
+    if api not in versions:
+        if kind in ("Service", "Pod", "Namespace", "Gateway") or kind in WORKLOAD_KINDS:
+            # A different resource of the same kind name (another API group)
+            name = str(f.mapping(obj.get("metadata"), "metadata").get("name", ""))
+            cs.skipped.append(
+                Skipped(doc.file, doc.line, kind, name, f"apiVersion {api} not modelled")
+            )
+            return None
+        raise f.fail("apiVersion", f"expected one of {', '.join(versions)}, got {api!r}")
+    f.check_keys(obj, "", ("apiVersion", "kind", "metadata", "spec", "status"))
+    meta = read_meta(f, kind, api, order, namespaced, cs.options.default_namespace)
+    f.meta = meta
+    ident = (group, *meta.key)
+    if ident in seen:
+        first = seen[ident]
+        raise f.fail("metadata.name", f"duplicate {meta.label} (first at {first.origin})")
+    seen[ident] = meta
+    return key, meta
 
 
 def load_config(paths: Iterable[str | Path], options: ConfigOptions | None = None) -> ConfigSet:

@@ -307,10 +307,16 @@ def created_at(fields: Fields, value: Any, path: str) -> float | None:
 
 
 def read_meta(
-    fields: Fields, kind: str, api_version: str, order: int, namespaced: bool = True
+    fields: Fields,
+    kind: str,
+    api_version: str,
+    order: int,
+    namespaced: bool = True,
+    default_namespace: str = "default",
 ) -> ResourceMeta:
-    """`metadata` of a Kubernetes-style document (name, namespace default `default`, labels,
-    annotations, creationTimestamp); the other metadata fields are ignored."""
+    """`metadata` of a Kubernetes-style document (name, namespace default `default_namespace`,
+    as `kubectl apply -n` would set it; labels, annotations, creationTimestamp); the other
+    metadata fields are ignored."""
     obj = fields.doc.obj
     meta = fields.mapping(obj.get("metadata"), "metadata", required=True)
     name = fields.string(meta.get("name"), "metadata.name")
@@ -318,7 +324,7 @@ def read_meta(
         raise fields.fail("metadata.name", f"not a valid Kubernetes name: {name!r}")
     namespace = ""
     if namespaced:
-        namespace = fields.string(meta.get("namespace", "default"), "metadata.namespace")
+        namespace = fields.string(meta.get("namespace") or default_namespace, "metadata.namespace")
         if len(namespace) > 63 or not _DNS_LABEL.match(namespace):
             raise fields.fail("metadata.namespace", f"not a valid namespace: {namespace!r}")
     annotations = {
