@@ -17,6 +17,9 @@ import kubernetes_validate
 import pytest
 from kubernetes_validate.utils import all_versions
 
+from cni import main as cni_main
+from cni import plugin as cni_plugin
+from cni import selection
 from tests.deploy.conftest import DEPLOY, KUSTOMIZATIONS, Docs, container, kustomize, one, parse
 from waypoint import cli as waypoint_cli
 from waypoint import config as waypoint_config
@@ -389,17 +392,61 @@ def agent_settings_pin_dir(agent: dict[str, Any]) -> str:
     return next(e["value"] for e in agent["env"] if e["name"] == "ZTUNNEL_BPF_PIN_DIR")
 
 
-def test_cni_containers_share_the_agent_socket_directory(rendered: Callable[[str], Docs]) -> None:
-    pod = daemonset_pod(rendered("deploy/overlays/istiod"))
-    for name in ("install-cni", "enrolment-controller"):
+def test_cni_containers_as_ztunnel_cni_takes_them(
+    rendered: Callable[[str], Docs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = rendered("deploy/overlays/istiod")
+    ds = one(docs, "DaemonSet", "ztunnel")
+    pod = daemonset_pod(docs)
+    agent = container(pod, "ztunnel")
+    for name, command in (("install-cni", "install"), ("enrolment-controller", "controller")):
         c = container(pod, name)
-        assert c["command"] == ["ztunnel-cni"]
-        assert mount(c, "ztunnel-run")["mountPath"] == "/var/run/ztunnel"
-    install = container(pod, "install-cni")
-    env = {e["name"]: e.get("value") for e in install["env"]}
-    assert mount(install, "cni-bin-dir")["mountPath"] == env["CNI_BIN_DIR"]
-    assert mount(install, "cni-net-dir")["mountPath"] == env["CNI_CONF_DIR"]
-    assert mount(install, "host-usr")["readOnly"] is True
+        assert c["command"] == ["ztunnel-cni"] and c["args"][0] == command
+        # `ztunnel-cni` reads its defaults from the environment when it builds its parser.
+        for var, value in container_env(c, ds).items():
+            monkeypatch.setenv(var, value)
+        args = cni_main.build_parser().parse_args(c["args"])
+        # The socket and pod records are where the agent (and the host's plugin) has them.
+        assert Path(args.enrolment_socket).parent == Path(mount(c, "ztunnel-run")["mountPath"])
+        assert args.enrolment_socket == agent_settings(agent, ds).enrolment_socket
+        assert Path(args.pod_record_dir).parent == Path(mount(c, "ztunnel-run")["mountPath"])
+        if command == "install":
+            assert args.cni_bin_dir == mount(c, "cni-bin-dir")["mountPath"]
+            assert args.cni_conf_dir == mount(c, "cni-net-dir")["mountPath"]
+            assert mount(c, "host-usr")["mountPath"] == f"{args.host_root}/usr"
+            assert mount(c, "host-usr")["readOnly"] is True
+            # It removes itself from the chain only when this DaemonSet goes: it must find it.
+            assert (args.daemonset, args.namespace) == (ds["metadata"]["name"], "istio-system")
+        else:
+            assert args.node_name == "node-a"
+    volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert (volumes["cni-bin-dir"], volumes["cni-net-dir"]) == ("/opt/cni/bin", "/etc/cni/net.d")
+    assert (
+        volumes["ztunnel-run"]
+        == "/var/run/ztunnel"
+        == cni_plugin.DEFAULTS["pod_record_dir"].rsplit("/", 1)[0]
+    )
+    # The agent sees the pods' network namespaces (CNI_NETNS) as they come and go.
+    assert volumes["netns"] == "/var/run/netns"
+    assert mount(agent, "netns")["mountPropagation"] == "HostToContainer"
+
+
+def test_the_mesh_never_captures_its_own_pods(rendered: Callable[[str], Docs]) -> None:
+    """Even in a namespace labelled ambient, by the selection the plugin and controller use."""
+    workloads = [one(rendered("deploy/overlays/istiod"), "DaemonSet", "ztunnel")]
+    workloads += [one(rendered("deploy/waypoint"), "Deployment", "waypoint")]
+    for w in workloads:
+        tmpl = w["spec"]["template"]
+        facts = selection.pod_facts(
+            {
+                "metadata": {**tmpl["metadata"], "namespace": "shop", "name": "x"},
+                "spec": tmpl["spec"],
+            }
+        )
+        decision = selection.decide(facts, {"istio.io/dataplane-mode": "ambient"})
+        assert not decision.ambient, (w["metadata"]["name"], decision)
+        assert facts.labels["istio.io/dataplane-mode"] == "none"
+        assert facts.labels["app.kubernetes.io/part-of"] == "ztunnel-py"
 
 
 # --- the waypoint ---------------------------------------------------------------------------
