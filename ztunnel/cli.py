@@ -117,7 +117,7 @@ def _lab(args: argparse.Namespace) -> int:
             if args.mode in ("all", "k8s"):  # the Kubernetes story (ztunnel.lab.k8sdemo)
                 from ztunnel.lab import k8sdemo
 
-                rc |= k8sdemo.main(args.nodes, args.pods, args.cni)
+                rc |= k8sdemo.main(args.nodes, args.pods, args.cni, image)
             if args.mode in ("all", "static"):
                 rc |= demo.main(args.nodes, args.pods, args.keep, args.istiod, image)
             return rc

@@ -213,3 +213,56 @@ def test_the_image_has_every_command_the_manifests_run(built_image: BuiltImage) 
     twice = f"{script} && {script} && grep -c ' /sys/fs/bpf bpf ' /proc/mounts"
     done = podman.podman(["run", "--rm", "--privileged", built_image.tag, "sh", "-c", twice])
     assert done.stdout.strip() == "1", done.stdout + done.stderr
+
+
+def test_kubernetes_lab_from_the_image(built_image: BuiltImage) -> None:
+    """The Kubernetes mode of the lab with every DaemonSet process from the image: the agents
+    (capabilities as above), `ztunnel-cni install` and `ztunnel-cni controller` (every
+    capability dropped, as in the manifests). Labelling a namespace captures its pods."""
+    from ztunnel.lab import k8s
+
+    lab = k8s.up(2, "ptp", image=lab_image.ImageOptions(built_image.tag))
+    try:
+        t = lab.topology
+        # Each node's three processes are containers of the image.
+        names = podman.podman(
+            ["ps", "--filter", f"label={lab_image.LABEL}={t.lab_id}", "--format", "{{.Names}}"]
+        ).stdout.split()
+        for node in t.nodes:
+            for suffix in ("agent", "install-cni", "enrolment-controller"):
+                assert f"{t.lab_id}-{node.name}-{suffix}" in names, names
+        # The plugin the installer put in place is what the kubelet stand-in runs.
+        assert (lab.node_dir(t.node("n0")) / "bin" / "ztunnel-cni").exists()
+        lab.create_namespace("shop", {"istio.io/dataplane-mode": "ambient"})
+        lab.create_namespace("legacy")
+        for ns, name, node in (("shop", "a", "n0"), ("shop", "b", "n1"), ("legacy", "c", "n0")):
+            lab.create_pod(ns, name, node, "echo" if ns == "shop" else "default", {"app": name})
+        ip = {n: lab.wait_running(ns, n)["status"]["podIP"] for ns, n in (
+            ("shop", "a"), ("shop", "b"), ("legacy", "c"))}  # fmt: skip
+        enrolled = lab.agent_pods(t.node("n0"))
+        assert enrolled["shop/a"]["enrolled"] is True and enrolled["legacy/c"]["enrolled"] is False
+
+        def annotated() -> bool:
+            meta = lab.pod("shop", "a")["metadata"]
+            return (meta.get("annotations") or {}).get("ambient.istio.io/redirection") == "enabled"
+
+        assert topo.wait_until(annotated, 30), "the controller (pods/status) did not annotate"
+        for node in t.nodes:
+            assert lab.mesh_has(node, ip["b"], "HBONE", 20)
+        topology = lab.as_topology()
+        off = {n.name: runner.access_lines(topology, n)[1] for n in topology.nodes}
+        res = runner.call_from(topology.pod("a").netns, ip["b"], 8080, "k8s-from-image")
+        assert res["ok"] and res["server_saw"].split(":")[0] == ip["a"], res
+        records = []
+        topo.wait_until(
+            lambda: bool(
+                records.extend(runner.access_lines(topology, topology.node("n1"), off["n1"])[0])
+                or records
+            ),
+            5,
+        )
+        inbound = [r for r in records if r.get("direction") == "inbound"]
+        assert inbound and inbound[-1]["src.identity"].endswith("/ns/shop/sa/echo"), records
+    finally:
+        k8s.down(lab)
+    assert not lab_image.remove_lab_containers(lab.topology.lab_id), "containers outlived down"

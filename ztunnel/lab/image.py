@@ -153,6 +153,9 @@ def agent_command(
     else:
         # podman's default seccomp profile stands for the DaemonSet's RuntimeDefault.
         argv += ["--cap-drop", "all", "--cap-add", ",".join(AGENT_CAPABILITIES)]
+    # The pods' network namespaces, as the DaemonSet mounts the host's /var/run/netns: the
+    # agent resolves a pod's veth inside CNI_NETNS when the CNI result is ambiguous.
+    argv += ["--volume", f"{topo.NETNS_DIR}:{topo.NETNS_DIR}:ro,rslave"]
     if node.name in options.kheaders_nodes:
         archive = "/run/ztunnel-kheaders.tar.xz"
         argv += [
