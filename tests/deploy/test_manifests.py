@@ -243,13 +243,20 @@ def test_agent_environment_names_only_settings_the_agent_knows(
         assert not unknown, f"{rel}: the agent has no setting for {sorted(unknown)}"
 
 
+def rendered_agent(
+    rendered: Callable[[str], Docs], rel: str
+) -> tuple[Docs, dict[str, Any], dict[str, Any], config.Settings]:
+    """(documents, DaemonSet pod spec, agent container, its settings) of an overlay."""
+    docs = rendered(rel)
+    pod = daemonset_pod(docs)
+    agent = container(pod, "ztunnel")
+    return docs, pod, agent, agent_settings(agent, one(docs, "DaemonSet", "ztunnel"))
+
+
 def test_standalone_agent_settings_are_accepted_by_ztunnel_run(
     rendered: Callable[[str], Docs],
 ) -> None:
-    docs = rendered("deploy/overlays/standalone")
-    pod = daemonset_pod(docs)
-    agent = container(pod, "ztunnel")
-    s = agent_settings(agent, one(docs, "DaemonSet", "ztunnel"))
+    docs, pod, agent, s = rendered_agent(rendered, "deploy/overlays/standalone")
     assert s.capture == "ebpf"
     assert (s.status_address, s.node_ip) == ("192.0.2.10", "192.0.2.10")
     assert s.admin_address == "127.0.0.1" and s.socks5_port == 0
@@ -275,10 +282,7 @@ def test_standalone_agent_settings_are_accepted_by_ztunnel_run(
 def test_istiod_agent_settings_are_accepted_by_ztunnel_run(
     rendered: Callable[[str], Docs],
 ) -> None:
-    docs = rendered("deploy/overlays/istiod")
-    pod = daemonset_pod(docs)
-    agent = container(pod, "ztunnel")
-    s = agent_settings(agent, one(docs, "DaemonSet", "ztunnel"))
+    _, pod, agent, s = rendered_agent(rendered, "deploy/overlays/istiod")
     assert s.xds_address == s.ca_address == "https://istiod.istio-system.svc:15012"
     assert not s.local_xds_path and not s.ca_dir
     assert (
