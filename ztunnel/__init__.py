@@ -2,9 +2,11 @@
 
 Where things are, bottom to top:
 - core, no I/O: `model` (workloads, services), `identity` (SPIFFE ids), `state` (indexed mesh
-  snapshot), `localconfig` (the YAML mesh-state file), `config` (agent settings), `authz`
-  (L4 authorization), `hbone.protocol`/`hbone.headers` (HTTP/2 CONNECT), `proxy.routing`,
-  `meshconfig` (Istio/Gateway API traffic and L7 policy resources, compiled; waypoint, analyze).
+  snapshot), `localconfig` (the YAML mesh-state file, read through `safeyaml`'s bounds),
+  `config` (agent settings), `authz` (L4 authorization), `hbone.protocol`/`hbone.headers`
+  (HTTP/2 CONNECT), `hbone.limits` (HTTP/2 abuse limits), `admission` (connection and
+  handshake caps), `proxy.routing`, `meshconfig` (Istio/Gateway API traffic and L7 policy
+  resources, compiled; waypoint, analyze).
 - certificates: `ca` (built-in CA), `certs` (certificate sources, cache and renewal),
   `istioca` (Istio's CA as a certificate source), `hbone.tls` (TLS contexts and SPIFFE
   peer checks).

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.registry import CollectorRegistry
 
 from ztunnel.admin import HttpEndpoints
+from ztunnel.admission import Protection
 from ztunnel.ca import CertificateAuthority
 from ztunnel.certs import CertificateManager, CertificateSource, LocalCaSource
 from ztunnel.config import Settings
@@ -40,6 +41,7 @@ from ztunnel.proxy.sockets import listen, original_destination
 from ztunnel.proxy.socks5 import Socks5Server
 from ztunnel.state import MeshState, WorkloadStore
 from ztunnel.telemetry import Telemetry, combine
+from ztunnel.telemetry.protection import ProtectionMetrics
 
 if TYPE_CHECKING:
     from ztunnel.capture_report import CaptureSnapshot
@@ -89,6 +91,9 @@ class Agent:
         self.registry = CollectorRegistry()
         self.telemetry = Telemetry(self.registry)
         self.tracker = ConnectionTracker(combine(self.telemetry, parts.observer))
+        # Limits and protections: admission control and HTTP/2 abuse limits (README).
+        self.protection = Protection.from_settings(settings)
+        ProtectionMetrics(self.registry, self.protection)
         self.http = HttpEndpoints(self, self.registry)
         # istiod (xDS) and/or its CA, when configured (ztunnel.xds.control).
         self.istiod: ControlPlane | None = None
@@ -157,6 +162,10 @@ class Agent:
                 self.store.record_error(str(e))
                 log.error("mesh state reload failed, keeping the previous state: %s", e)
                 continue
+            except Exception as e:  # a parser bug must not end reloads for good
+                self.store.record_error(f"{path}: {type(e).__name__}: {e}")
+                log.exception("mesh state reload failed, keeping the previous state")
+                continue
             self._replace_state(state)
             log.info(
                 "mesh state reloaded from %s: %d workloads, %d services, %d policies",
@@ -183,6 +192,7 @@ class Agent:
             s.connect_timeout,
             s.pool_idle_timeout,
             transparent_source=transparent,
+            guard=self.protection.h2,
         )
         self.ctx = ProxyContext(
             store=self.store,
@@ -209,6 +219,8 @@ class Agent:
             self.local_identity,
             self.inbound.handle_stream,
             on_tls_failure=self.inbound.tls_failed,
+            admission=self.protection.admission,
+            guard=self.protection.h2,
         )
         self.store.subscribe(lambda old, new: self._sync_listeners())
         for cb in self._parts.on_state:
@@ -373,16 +385,26 @@ class Agent:
         loop = asyncio.get_running_loop()
         # backlog: create_server re-listens on the socket; keep listen()'s deep queue.
         lst.server = await loop.create_server(
-            lambda: TcpEnd(on_ready=lambda end: self._spawn_connection(handler(end), kind)),
+            lambda: TcpEnd(on_ready=lambda end: self._on_accepted(end, handler, kind)),
             sock=sock,
             backlog=4096,
         )
 
-    def _spawn_connection(self, coro: Coroutine[Any, Any, None], kind: str) -> None:
+    def _on_accepted(
+        self, end: TcpEnd, handler: Callable[[TcpEnd], Coroutine[Any, Any, None]], kind: str
+    ) -> None:
+        admission = self.protection.admission
+        if not admission.admit(f"{kind} connection", str(end.extra("peername"))):
+            end.abort()  # shed: RST, so the application fails fast
+            return
+        self._spawn_connection(handler(end), kind).add_done_callback(lambda _t: admission.release())
+
+    def _spawn_connection(self, coro: Coroutine[Any, Any, None], kind: str) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         task.set_name(f"conn-{kind}")
         self._conn_tasks.add(task)
         task.add_done_callback(self._conn_done)
+        return task
 
     def _conn_done(self, task: asyncio.Task[None]) -> None:
         self._conn_tasks.discard(task)

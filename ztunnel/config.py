@@ -64,6 +64,16 @@ class Settings:
     capture_allow_ahead: str = ""  # program names accepted ahead of ours, or "*"
     capture_check_interval: float = 1.0
     capture_tc_priority: int = 1
+    # Limits and protections (ztunnel.admission, ztunnel.hbone.limits; README)
+    max_connections: int = 0  # 0: derived from the open-file limit
+    max_pending_handshakes: int = 512
+    max_pending_handshakes_per_source: int = 64
+    max_connections_per_identity: int = 1024
+    hbone_handshake_timeout: float = 5.0
+    h2_limit_window: float = 10.0
+    h2_max_resets: int = 200
+    h2_max_control_frames: int = 1000
+    h2_max_header_list_size: int = 16384
 
     @property
     def own_ports(self) -> frozenset[int]:
@@ -279,6 +289,60 @@ _SPEC: list[tuple[str, str, str, str]] = [
         "ZTUNNEL_CAPTURE_CHECK_INTERVAL",
         "seconds between checks for programs running ahead of the capture (ebpf)",
     ),
+    (
+        "max_connections",
+        "--max-connections",
+        "ZTUNNEL_MAX_CONNECTIONS",
+        "connections held at once (accepted sockets and inbound HBONE streams); more are shed; 0 = (open-file limit - 512) / 2",
+    ),
+    (
+        "max_pending_handshakes",
+        "--max-pending-handshakes",
+        "ZTUNNEL_MAX_PENDING_HANDSHAKES",
+        "HBONE TLS handshakes in progress at once",
+    ),
+    (
+        "max_pending_handshakes_per_source",
+        "--max-pending-handshakes-per-source",
+        "ZTUNNEL_MAX_PENDING_HANDSHAKES_PER_SOURCE",
+        "HBONE TLS handshakes in progress from one source address",
+    ),
+    (
+        "max_connections_per_identity",
+        "--max-connections-per-identity",
+        "ZTUNNEL_MAX_CONNECTIONS_PER_IDENTITY",
+        "inbound HBONE connections of one peer identity",
+    ),
+    (
+        "hbone_handshake_timeout",
+        "--hbone-handshake-timeout",
+        "ZTUNNEL_HBONE_HANDSHAKE_TIMEOUT",
+        "seconds from accept to a verified HBONE peer",
+    ),
+    (
+        "h2_limit_window",
+        "--h2-limit-window",
+        "ZTUNNEL_H2_LIMIT_WINDOW",
+        "seconds of the window the HTTP/2 frame limits count in",
+    ),
+    (
+        "h2_max_resets",
+        "--h2-max-resets",
+        "ZTUNNEL_H2_MAX_RESETS",
+        "stream resets (received or refused) per HBONE connection and window before GOAWAY ENHANCE_YOUR_CALM",
+    ),
+    (
+        "h2_max_control_frames",
+        "--h2-max-control-frames",
+        "ZTUNNEL_H2_MAX_CONTROL_FRAMES",
+        "SETTINGS, PING, PRIORITY, closed-stream, empty DATA or unknown frames (each) per HBONE connection and window",
+    ),
+    (
+        "h2_max_header_list_size",
+        "--h2-max-header-list-size",
+        "ZTUNNEL_H2_MAX_HEADER_LIST_SIZE",
+        "bytes of one HBONE request's or response's header block",
+    ),
 ]
 
 # Further environment variables for a setting, tried before the main one (Istio's ztunnel
@@ -430,6 +494,7 @@ def validate(s: Settings) -> None:
         if getattr(s, name) <= 0:
             raise ConfigError("settings", name, "must be positive")
     validate_capture(s)
+    validate_limits(s)
 
 
 def validate_capture(s: Settings) -> None:
@@ -448,6 +513,34 @@ def validate_capture(s: Settings) -> None:
         name = name.strip()
         if name and (len(name) > 64 or not name.isprintable() or " " in name):
             raise ConfigError("settings", "capture_allow_ahead", f"not a program name: {name!r}")
+
+
+def validate_limits(s: Settings) -> None:
+    """The limits and protections (README: Limits and protections)."""
+    for name in ("hbone_handshake_timeout", "h2_limit_window"):
+        if not getattr(s, name) > 0:
+            raise ConfigError("settings", name, "must be positive")
+    for name in (
+        "max_pending_handshakes",
+        "max_pending_handshakes_per_source",
+        "max_connections_per_identity",
+        "h2_max_resets",
+        "h2_max_control_frames",
+    ):
+        if getattr(s, name) < 1:
+            raise ConfigError("settings", name, "must be at least 1")
+    if s.max_connections < 0:
+        raise ConfigError("settings", "max_connections", "must be 0 (automatic) or positive")
+    if s.max_pending_handshakes_per_source > s.max_pending_handshakes:
+        raise ConfigError(
+            "settings",
+            "max_pending_handshakes_per_source",
+            f"cannot exceed max_pending_handshakes ({s.max_pending_handshakes})",
+        )
+    if not 1024 <= s.h2_max_header_list_size <= 1024 * 1024:
+        raise ConfigError(
+            "settings", "h2_max_header_list_size", "must be between 1024 and 1048576 bytes"
+        )
 
 
 def describe(argv: Sequence[str] | None = None) -> list[tuple[str, str, str]]:

@@ -78,7 +78,9 @@ def parse_request(line: bytes) -> PodRequest:
     src = "enrolment request"
     try:
         obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # RecursionError: a line of nested brackets (json's C decoder stops at the
+        # interpreter's recursion limit).
         raise ConfigError(src, "", f"not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ConfigError(src, "", "expected a JSON object")

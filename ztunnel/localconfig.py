@@ -15,8 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ztunnel import safeyaml
 from ztunnel.errors import ConfigError, IdentityError
 from ztunnel.identity import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, SpiffeId
 from ztunnel.model import (
@@ -280,7 +279,7 @@ def parse_documents(
             )
         unknown = set(obj) - {"workloads", "services", "policies"}
         if unknown:
-            raise ctx.fail(prefix or "<top>", f"unknown keys: {sorted(unknown)}")
+            raise ctx.fail(prefix or "<top>", f"unknown keys: {sorted(map(str, unknown))}")
         dot = f"{prefix}." if prefix else ""
         for i, raw in enumerate(_list(ctx, obj.get("workloads"), f"{dot}workloads")):
             workloads.append(_workload(ctx, raw, f"{dot}workloads[{i}]"))
@@ -354,12 +353,7 @@ def load_mesh_state(path: str | Path) -> MeshState:
             text = f.read_text()
         except OSError as e:
             raise ConfigError(str(f), "", f"cannot read: {e.strerror}") from None
-        try:
-            loaded = list(yaml.safe_load_all(text))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(str(f), where, f"invalid YAML: {getattr(e, 'problem', e)}") from None
+        loaded = safeyaml.load_all(text, str(f))
         docs.extend(loaded)
         sources.extend([str(f)] * len(loaded))
     if p.is_dir():

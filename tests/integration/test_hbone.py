@@ -641,3 +641,52 @@ async def test_drain_lets_an_open_tunnel_finish_within_the_grace(mesh: Any, side
     assert time.monotonic() - t0 < grace - 1
     # The drained side closed its HBONE connections once their streams had ended.
     await async_wait_for(lambda: mesh.a.pool.stats()["connections"] == 0, 5)
+
+
+async def test_an_empty_data_frame_is_not_the_end_of_the_stream(mesh: Any) -> None:
+    """RFC 9113 section 6.1 allows DATA frames without payload; queued behind other data they
+    used to read as b"" (end of stream): the application got only what came before."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from tests.integration.conftest import ECHO as ECHO_ID
+    from tests.integration.conftest import WEB as WEB_ID
+    from tests.integration.conftest import tls_context
+
+    cert = mesh.issue(WEB_ID)
+    assert ECHO_ID
+    r, w = await asyncio.open_connection(
+        mesh.echo_b, mesh.hbone_port, ssl=tls_context(cert), server_hostname=""
+    )
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    conn.initiate_connection()
+    conn.send_headers(
+        1, [(b":method", b"CONNECT"), (b":authority", f"{mesh.echo_b}:8080".encode())]
+    )
+    # Everything in one write: it is all queued before the stream's handler runs.
+    conn.send_data(1, b"abc")
+    conn.send_data(1, b"")
+    conn.send_data(1, b"def", end_stream=True)
+    w.write(conn.data_to_send())
+    echoed = b""
+    ended = False
+    try:
+        async with asyncio.timeout(10):
+            while not ended:
+                data = await r.read(65536)
+                assert data, "connection closed"
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.DataReceived):
+                        echoed += ev.data
+                        conn.acknowledge_received_data(ev.flow_controlled_length, 1)
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        ended = True
+                    elif isinstance(ev, h2.events.StreamReset):
+                        raise AssertionError(f"reset {ev.error_code}")
+                w.write(conn.data_to_send())
+    finally:
+        w.close()
+    assert echoed == b"abcdef"

@@ -12,7 +12,7 @@ import pytest
 
 from ztunnel.ca import CertificateAuthority
 from ztunnel.certs import CertificateManager, LocalCaSource
-from ztunnel.hbone.connection import HboneStream
+from ztunnel.hbone.connection import CLOSE_GRACE, HboneStream
 from ztunnel.hbone.headers import ConnectRequest
 from ztunnel.hbone.pool import HbonePool, PoolKey
 from ztunnel.hbone.protocol import ConnectRequested
@@ -79,5 +79,81 @@ async def test_reset_streams_with_unread_data_do_not_leak_the_connection_window(
         assert pool.stats()["created"] == 1  # the same connection carried everything
     finally:
         await pool.close(1)
+        await srv.drain(1)
+        await certs.close()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"], indirect=True)
+async def test_a_slow_reader_gets_the_whole_tail_after_the_server_closes(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The server drains (GOAWAY), finishes a stream with 6 MiB still queued for a client that
+    reads its socket slowly, and closes: the connection is aborted only if the peer stops
+    reading, so this client still gets every byte and the end of the stream."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    from tests.integration.conftest import tls_context
+
+    ca = CertificateAuthority.create()
+    certs = CertificateManager(LocalCaSource(ca))
+    ctxs = ContextCache()
+    size = 6 * MiB
+
+    async def handler(stream: HboneStream, req: ConnectRequested) -> None:
+        stream.respond(200)
+        await stream.write(bytes(size))
+        stream.end()
+
+    ip = f"{random_loopback_net()}.1"
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((ip, 0))
+    ls.listen(16)
+    srv = HboneServer(certs, ctxs, "cluster.local", lambda _ip: B, handler)
+    srv.serve(ls)
+    # A client whose windows take the whole tail at once, reading its socket at ~2 MiB/s
+    # (its StreamReader stops reading the socket beyond 128 KiB unread).
+    r, w = await asyncio.open_connection(
+        ip, ls.getsockname()[1], ssl=tls_context(ca.issue(A)), server_hostname="", limit=65536
+    )
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    conn.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16 * MiB}
+    )
+    conn.initiate_connection()
+    conn.increment_flow_control_window(16 * MiB)
+    conn.send_headers(1, [(b":method", b"CONNECT"), (b":authority", f"{ip}:1".encode())])
+    conn.end_stream(1)
+    w.write(conn.data_to_send())
+    got, ended = 0, False
+    drain: asyncio.Future[None] | None = None
+    try:
+        async with asyncio.timeout(30):
+            while not ended:
+                data = await r.read(65536)
+                assert data, f"connection closed after {got} bytes"
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived) and drain is None:
+                        drain = asyncio.ensure_future(srv.drain(30))
+                        t0 = loop.time()
+                    elif isinstance(ev, h2.events.DataReceived):
+                        got += len(ev.data)
+                        conn.acknowledge_received_data(ev.flow_controlled_length, 1)
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        ended = True
+                w.write(conn.data_to_send())
+                await asyncio.sleep(0.03)
+        assert got == size
+        # Slower than a failed connection's close grace: that abort would have cut it.
+        assert loop.time() - t0 > CLOSE_GRACE + 0.5
+        assert drain is not None
+        await asyncio.wait_for(drain, 10)
+    finally:
+        w.close()
         await srv.drain(1)
         await certs.close()

@@ -28,9 +28,12 @@ import pytest
 IP_TRANSPARENT = 19  # SOL_IP option, include/uapi/linux/in.h
 LISTENER_PORTS = {"outbound": 15001, "inbound": 15006, "hbone": 15008}
 APP_PORT = 8080
-READY_TIMEOUT = 60.0  # compiling with bcc takes about a second; leave room for slow CI
-REQUEST_TIMEOUT = 20.0
-IO_TIMEOUT = 3.0
+# Waits (never expectations) stretch by ZTUNNEL_LAB_TIME_SCALE, which scripts/kernel-vm.sh
+# sets when the kernel under test runs emulated (TCG), where a bcc compile takes minutes.
+TIME_SCALE = max(1.0, float(os.environ.get("ZTUNNEL_LAB_TIME_SCALE") or 1))
+READY_TIMEOUT = 60.0 * TIME_SCALE  # compiling with bcc takes about a second; room for slow CI
+REQUEST_TIMEOUT = 20.0 * TIME_SCALE
+IO_TIMEOUT = 3.0 * TIME_SCALE
 LINE_MARK = "@@ "  # stdout lines of the agent protocol; anything else (warnings) is ignored
 
 

@@ -18,6 +18,7 @@ from typing import Any, cast
 from ztunnel.errors import ConnectRejected, HboneError, IdentityError
 from ztunnel.hbone import protocol as p
 from ztunnel.hbone.headers import ConnectRequest
+from ztunnel.hbone.limits import H2Guard
 from ztunnel.hbone.tls import peer_der
 from ztunnel.identity import SpiffeId
 
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 
 WRITE_HIGH_WATER = 1024 * 1024
 KEEPALIVE_TICK = 2.0
+# A failed connection: how long the peer gets to read our GOAWAY before the socket is aborted.
+CLOSE_GRACE = 2.0
+# A graceful close waits for what is queued to be written, polling; a peer that reads none of
+# it for DRAIN_STALL is aborted (as the event loops' own SSL shutdown timeout would).
+FLUSH_POLL = 0.05
+DRAIN_STALL = 30.0
 
 StreamHandler = Callable[["HboneStream", p.ConnectRequested], Awaitable[None]]
 
@@ -37,6 +44,7 @@ class HboneStream:
     """One CONNECT tunnel: ordered bytes both ways, with half-close."""
 
     __slots__ = (
+        "_answered",
         "_conn",
         "_eof",
         "_error",
@@ -45,6 +53,7 @@ class HboneStream:
         "_response",
         "_sent_end",
         "_sink",
+        "_task",
         "_window_waiter",
         "bytes_received",
         "bytes_sent",
@@ -63,6 +72,9 @@ class HboneStream:
         self._sent_end = False
         self._error: BaseException | None = None
         self._sink: Callable[[bytes], bool] | None = None
+        # Server side: the handler's task, and whether it has answered the CONNECT yet.
+        self._task: asyncio.Task[None] | None = None
+        self._answered = False
         self.request: p.ConnectRequested | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -145,6 +157,7 @@ class HboneStream:
     # ---- server side ----
 
     def respond(self, status: int) -> None:
+        self._answered = True
         self._conn.respond(self.stream_id, status, end_stream=status != 200)
         if status != 200:
             self._sent_end = True
@@ -183,6 +196,12 @@ class HboneStream:
         return True
 
     def _on_data(self, data: bytes, flow: int) -> None:
+        if not data:
+            # An empty DATA frame (RFC 9113 section 6.1) is not the end of the stream, which
+            # is what b"" means to a reader; only its padding, if any, is window to return.
+            if flow:
+                self._conn.consumed(self.stream_id, flow)
+            return
         self.bytes_received += len(data)
         if self._sink is not None and not self._recv and self._sink(data):
             self._conn.consumed(self.stream_id, flow)
@@ -215,6 +234,15 @@ class HboneStream:
         self._wake_reader()
         self._on_window()
 
+    def _abandon(self) -> bool:
+        """The peer gave up on the stream: stop a handler that has not answered yet (its
+        upstream connect is cancelled, or it never starts). True if one was stopped."""
+        t = self._task
+        if t is None or self._answered or t.done():
+            return False
+        t.cancel()
+        return True
+
     def _drop_unread(self) -> None:
         """Give the window of queued, never-to-be-read data back to the connection, or its
         shared window shrinks for good and every stream on it stalls."""
@@ -242,11 +270,13 @@ class HboneConnection(asyncio.Protocol):
         handler: StreamHandler | None = None,
         name: str = "",
         peer_check: Callable[[bytes], SpiffeId] | None = None,
+        guard: H2Guard | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.client = client
         self.name = name
-        self._proto = p.HboneProtocol(client, self.loop.time())
+        self._guard = guard or H2Guard()
+        self._proto = p.HboneProtocol(client, self.loop.time(), self._guard.limits)
         self._handler = handler
         self._peer_check = peer_check
         self.transport: asyncio.Transport | None = None
@@ -255,6 +285,8 @@ class HboneConnection(asyncio.Protocol):
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._keepalive: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._lost = False
         self.closed = self.loop.create_future()
         self.peer_identity: SpiffeId | None = None
         self.streams_opened = 0
@@ -293,6 +325,10 @@ class HboneConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._lost = True
         self._teardown(StreamClosed(f"connection lost: {exc}" if exc else "connection closed"))
 
     def pause_writing(self) -> None:
@@ -330,6 +366,8 @@ class HboneConnection(asyncio.Protocol):
         elif isinstance(ev, p.StreamReset):
             if (s := self.streams.pop(ev.stream_id, None)) is not None:
                 s._fail(StreamClosed(f"stream reset by peer (error code {ev.error_code})"))
+                if s._abandon():
+                    self._guard.counters.streams_cancelled += 1
         elif isinstance(ev, p.ConnectRequested):
             self._on_connect(ev)
         elif isinstance(ev, p.ConnectRefused):
@@ -346,7 +384,13 @@ class HboneConnection(asyncio.Protocol):
             self._close_if_idle()
         elif isinstance(ev, p.ConnectionFailed):
             self.failure = ev.reason
-            log.warning("%s: protocol error from peer, sending GOAWAY: %s", self.name, ev.reason)
+            if ev.abuse:
+                who = f"{self.name} ({self.peer_identity or 'unknown identity'})"
+                self._guard.counters.cutoff(ev.abuse, who, ev.reason)
+            else:
+                log.warning(
+                    "%s: protocol error from peer, sending GOAWAY: %s", self.name, ev.reason
+                )
             self._flush()
             self._teardown(StreamClosed(f"protocol error: {ev.reason}"))
 
@@ -359,14 +403,15 @@ class HboneConnection(asyncio.Protocol):
         if self._handler is None:
             s.respond(503)
             return
-        self.spawn(self._handler(s, ev), f"hbone-stream-{ev.stream_id}")
+        s._task = self.spawn(self._handler(s, ev), f"hbone-stream-{ev.stream_id}")
 
-    def spawn(self, coro: Awaitable[None], name: str) -> None:
-        task: asyncio.Task[None] = self.loop.create_task(self._guard(coro), name=name)
+    def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = self.loop.create_task(self._run_handler(coro), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _guard(self, coro: Awaitable[None]) -> None:
+    async def _run_handler(self, coro: Awaitable[None]) -> None:
         try:
             await coro
         except Exception:
@@ -427,7 +472,55 @@ class HboneConnection(asyncio.Protocol):
         draining = self._proto.goaway_sent or self._proto.goaway_received
         if draining and not self.streams and self.transport is not None:
             self._flush()
-            self.transport.close()
+            self._close_when_flushed()
+
+    def _close_when_flushed(self) -> None:
+        """Graceful close: once everything queued above the socket layer has gone down
+        (closing asyncio's SSL transport while it holds data drops that data), then close;
+        the event loop's SSL shutdown timeout (30 s) bounds the rest. A peer that reads
+        nothing at all for DRAIN_STALL is aborted."""
+        transport = self.transport
+        if transport is None or self._lost or self._close_timer is not None:
+            return
+        self._wait_flushed(transport.get_write_buffer_size(), self.loop.time())
+
+    def _wait_flushed(self, last: int, progress_at: float) -> None:
+        self._close_timer = None
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        buffered = transport.get_write_buffer_size()
+        if not buffered:
+            if not transport.is_closing():
+                transport.close()
+            return
+        now = self.loop.time()
+        if buffered < last:
+            progress_at = now
+        elif now - progress_at >= DRAIN_STALL:
+            transport.abort()
+            return
+        self._close_timer = self.loop.call_later(
+            FLUSH_POLL, self._wait_flushed, buffered, progress_at
+        )
+
+    def _close_transport(self) -> None:
+        """The connection failed or was refused: close now, abort if the peer has not taken
+        our last frames (GOAWAY) within CLOSE_GRACE; a broken or abusive peer is owed no
+        more, and must not hold the socket and its buffers."""
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if not transport.is_closing():
+            transport.close()
+        self._close_timer = self.loop.call_later(CLOSE_GRACE, self._close_overdue)
+
+    def _close_overdue(self) -> None:
+        self._close_timer = None
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
 
     # ---- client side ----
 
@@ -488,6 +581,13 @@ class HboneConnection(asyncio.Protocol):
         self._flush()
         self._close_if_idle()
 
+    def refuse(self, code: int) -> None:
+        """Turn a just-established connection away: GOAWAY with `code`, then close."""
+        self.failure = f"refused with GOAWAY error code {code}"
+        self._proto.goaway(code)
+        self._flush()
+        self._teardown(StreamClosed(self.failure))
+
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
@@ -496,17 +596,22 @@ class HboneConnection(asyncio.Protocol):
     def _teardown(self, exc: BaseException) -> None:
         if self._keepalive is not None:
             self._keepalive.cancel()
+        counters = self._guard.counters
         for s in list(self.streams.values()):
             s._fail(exc)
+            if s._abandon():
+                counters.streams_cancelled += 1
         self.streams.clear()
+        if self._proto.requests_withdrawn:
+            counters.streams_cancelled += self._proto.requests_withdrawn
+            self._proto.requests_withdrawn = 0
         for w in self._drain_waiters:
             if not w.done():
                 w.set_result(None)
         self._drain_waiters.clear()
         if not self.closed.done():
             self.closed.set_result(None)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        self._close_transport()
 
     async def wait_closed(self, timeout: float) -> None:
         try:

@@ -18,6 +18,7 @@ from ztunnel.certs import CertificateManager
 from ztunnel.errors import HboneError, ZtunnelError
 from ztunnel.hbone.connection import HboneConnection, HboneStream
 from ztunnel.hbone.headers import ConnectRequest
+from ztunnel.hbone.limits import H2Guard
 from ztunnel.hbone.tls import ContextCache, check_server_identity
 from ztunnel.identity import SpiffeId
 from ztunnel.model import IPAddress
@@ -53,8 +54,11 @@ class HbonePool:
         connect_timeout: float = 10.0,
         idle_timeout: float = IDLE_TIMEOUT,
         transparent_source: bool = False,
+        guard: H2Guard | None = None,
     ) -> None:
         self.certs = certs
+        # The HTTP/2 abuse limits apply to the servers we dial as well.
+        self.guard = guard or H2Guard()
         self.contexts = contexts
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
@@ -144,6 +148,7 @@ class HbonePool:
                     client=True,
                     name=name,
                     peer_check=lambda der: check_server_identity(der, key.expected_identities),
+                    guard=self.guard,
                 )
                 made.append(c)
                 return c

@@ -22,6 +22,7 @@ import h2.settings
 import hyperframe.frame
 
 from ztunnel.errors import HboneError
+from ztunnel.hbone import limits as lim
 from ztunnel.hbone.headers import ConnectRequest, parse_authority
 from ztunnel.model import IPAddress
 
@@ -49,6 +50,7 @@ class ErrorCode(enum.IntEnum):
     CANCEL = 0x8
     COMPRESSION_ERROR = 0x9
     CONNECT_ERROR = 0xA
+    ENHANCE_YOUR_CALM = 0xB
 
 
 # ---- events -------------------------------------------------------------------------------
@@ -115,10 +117,12 @@ class GoawayReceived:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionFailed:
-    """The peer broke the protocol; a GOAWAY with `error_code` has been queued."""
+    """The peer broke the protocol, or went over an abuse limit (`abuse` names which, and
+    `error_code` is ENHANCE_YOUR_CALM); a GOAWAY with `error_code` has been queued."""
 
     error_code: int
     reason: str
+    abuse: str = ""
 
 
 Event = (
@@ -152,7 +156,59 @@ class _GracefulH2Connection(h2.connection.H2Connection):
     """h2 treats any GOAWAY, sent or received, as the end of the whole connection: it closes
     its state machine and drops queued output. RFC 9113 section 6.8 lets streams up to the
     GOAWAY's last stream id finish, which a graceful drain needs; so a NO_ERROR GOAWAY from
-    the peer only raises the event here, and ours is written as a bare frame (`goaway`)."""
+    the peer only raises the event here, and ours is written as a bare frame (`goaway`).
+
+    It also counts what the peer sends against `budget` (`ztunnel.hbone.limits`): the frame
+    handlers below that h2 dispatches to are the only per-frame hooks, none on DATA with a
+    payload."""
+
+    budget: lim.FrameBudget
+
+    def _receive_rst_stream_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        self.budget.reset()
+        return super()._receive_rst_stream_frame(frame)
+
+    def _receive_settings_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        if "ACK" not in frame.flags:
+            self.budget.control(lim.SETTINGS)
+            if frame.body_len > 6 * lim.MAX_SETTINGS_ENTRIES:
+                raise lim.H2AbuseError(
+                    lim.SETTINGS, f"SETTINGS frame of {frame.body_len} bytes (too many entries)"
+                )
+        return super()._receive_settings_frame(frame)
+
+    def _receive_ping_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        self.budget.control(lim.PING)
+        return super()._receive_ping_frame(frame)
+
+    def _receive_priority_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        # h2 also routes HEADERS with the PRIORITY flag here: only count PRIORITY frames.
+        if isinstance(frame, hyperframe.frame.PriorityFrame):
+            self.budget.control(lim.PRIORITY)
+        return super()._receive_priority_frame(frame)
+
+    def _receive_window_update_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        sid = frame.stream_id
+        if sid:
+            stream = self.streams.get(sid)
+            if stream is None or stream.closed:
+                self.budget.control(lim.CLOSED_STREAM_FRAMES)
+        return super()._receive_window_update_frame(frame)
+
+    def _handle_data_on_closed_stream(
+        self, events: list[Any], exc: Any, frame: Any
+    ) -> tuple[list[Any], list[h2.events.Event]]:
+        # Answered with RST_STREAM by h2 when the stream was reset: an amplifier if uncounted.
+        self.budget.control(lim.CLOSED_STREAM_FRAMES)
+        return super()._handle_data_on_closed_stream(events, exc, frame)
+
+    def _receive_unknown_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        self.budget.control(lim.UNKNOWN_FRAMES)
+        return super()._receive_unknown_frame(frame)
+
+    def _receive_alt_svc_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        self.budget.control(lim.UNKNOWN_FRAMES)
+        return super()._receive_alt_svc_frame(frame)
 
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
         if frame.error_code:
@@ -167,6 +223,7 @@ class _GracefulH2Connection(h2.connection.H2Connection):
         # h2 turns two stream-level errors into connection errors; RFC 9113 wants them
         # confined to the stream, so one bad request does not kill every tunnel on the
         # connection.
+        self.budget.header_block(len(frame.data))
         new = frame.stream_id not in self.streams and not self.config.client_side
         if new and frame.stream_id % 2 == 0:
             # Section 5.1.1: clients open odd streams; anything else is a connection error.
@@ -180,10 +237,22 @@ class _GracefulH2Connection(h2.connection.H2Connection):
                 raise _CompressionError(f"Error decoding header block: {e}") from None
             self.highest_inbound_stream_id = max(self.highest_inbound_stream_id, frame.stream_id)
             self._write_rst(frame.stream_id, ErrorCode.REFUSED_STREAM)
+            # A peer that keeps opening streams past the limit is resetting them in effect.
+            self.budget.reset()
             return [], []
         try:
             return super()._receive_headers_frame(frame)
-        except (h2.exceptions.TooManyStreamsError, h2.exceptions.StreamIDTooLowError):
+        except h2.exceptions.StreamClosedError:
+            # HEADERS for a stream that is gone: h2 answers each with RST_STREAM.
+            self.budget.control(lim.CLOSED_STREAM_FRAMES)
+            raise
+        except (
+            h2.exceptions.TooManyStreamsError,
+            h2.exceptions.StreamIDTooLowError,
+            # An oversized header list (HPACK bomb) leaves the decoder's table half-updated:
+            # the connection cannot go on (RFC 9113 section 4.3), ENHANCE_YOUR_CALM.
+            h2.exceptions.DenialOfServiceError,
+        ):
             raise
         except h2.exceptions.ProtocolError as e:
             if "decoding header block" in str(e):
@@ -212,12 +281,21 @@ class _CompressionError(h2.exceptions.ProtocolError):
 class HboneProtocol:
     """One HTTP/2 connection carrying HBONE CONNECT streams; `client` selects the side."""
 
-    def __init__(self, client: bool, now: float = 0.0) -> None:
+    def __init__(self, client: bool, now: float = 0.0, limits: lim.H2Limits | None = None) -> None:
         self.client = client
+        limits = limits or lim.H2Limits()
         cfg = h2.config.H2Configuration(
             client_side=client, header_encoding=None, validate_inbound_headers=True
         )
         self._h2 = _GracefulH2Connection(cfg)
+        self._budget = self._h2.budget = lim.FrameBudget(limits, now)
+        # Our MAX_HEADER_LIST_SIZE binds the HPACK decoder at once, not when the peer ACKs it.
+        self._h2.decoder.max_header_list_size = limits.max_header_list_size
+        # Server: ConnectRequested events of the current read, by stream id, so that a reset
+        # in the same read withdraws the request before anyone acts on it.
+        self._batch_requests: dict[int, int] = {}
+        self._withdrawn = False
+        self.requests_withdrawn = 0
         self.closed = False
         # The peer's first bytes until its first frame header is complete: RFC 9113 section
         # 3.4 requires the connection preface to start with a SETTINGS frame.
@@ -235,7 +313,7 @@ class HboneProtocol:
                 h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 64 * 1024,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
             },
         )
         # h2 applies our MAX_FRAME_SIZE only once the peer ACKs it, yet a peer may send large
@@ -260,14 +338,29 @@ class HboneProtocol:
             failure = self._check_opening(data)
             if failure:
                 return [self._fail(ErrorCode.PROTOCOL_ERROR, failure)]
+        self._budget.roll(now)
+        out: list[Any] = []
         try:
-            h2_events = self._h2.receive_data(data)
+            for ev in self._h2.receive_data(data):
+                self._translate(ev, out)
+            # h2 holds a HEADERS frame and up to 64 CONTINUATIONs (of up to MAX_FRAME_SIZE
+            # each) before anything decodes them: bound a block still open after this read
+            # (a complete one is checked in _receive_headers_frame). Checked per read, not
+            # per frame: the data path pays one attribute test.
+            if pending := self._h2.incoming_buffer._headers_buffer:
+                self._budget.header_block(sum(len(f.data) for f in pending))
+        except lim.H2AbuseError as e:
+            return [self._fail(ErrorCode.ENHANCE_YOUR_CALM, str(e), e.kind)]
+        except h2.exceptions.DenialOfServiceError as e:
+            return [self._fail(ErrorCode.ENHANCE_YOUR_CALM, str(e), lim.HEADER_LIST)]
         except h2.exceptions.ProtocolError as e:
             code = getattr(e, "error_code", None) or ErrorCode.PROTOCOL_ERROR
             return [self._fail(int(code), f"{type(e).__name__}: {e}")]
-        out: list[Event] = []
-        for ev in h2_events:
-            self._translate(ev, out)
+        if self._batch_requests:
+            self._batch_requests.clear()
+        if self._withdrawn:
+            self._withdrawn = False
+            out = [e for e in out if e is not None]
         return out
 
     def _check_opening(self, data: bytes) -> str:
@@ -285,11 +378,14 @@ class HboneProtocol:
             return "the connection preface must begin with a SETTINGS frame"
         return ""
 
-    def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
+    def _translate(self, ev: h2.events.Event, out: list[Any]) -> None:
         if isinstance(ev, h2.events.DataReceived):
-            out.append(DataReceived(ev.stream_id, ev.data, ev.flow_controlled_length))
+            n = ev.flow_controlled_length
+            out.append(DataReceived(ev.stream_id, ev.data, n))
             if ev.stream_ended is not None:
                 out.append(StreamEnded(ev.stream_id))
+            elif not n:
+                self._budget.control(lim.EMPTY_DATA)
         elif isinstance(ev, h2.events.RequestReceived):
             self._on_request(ev, out)
         elif isinstance(ev, h2.events.ResponseReceived):
@@ -303,6 +399,14 @@ class HboneProtocol:
         elif isinstance(ev, h2.events.StreamEnded):
             out.append(StreamEnded(ev.stream_id))
         elif isinstance(ev, h2.events.StreamReset):
+            i = self._batch_requests.pop(ev.stream_id, None)
+            if i is not None:
+                # Requested and reset in one read (rapid reset, CVE-2023-44487): the request
+                # never surfaces, so no upstream work starts for it.
+                out[i] = None
+                self._withdrawn = True
+                self.requests_withdrawn += 1
+                return
             out.append(StreamReset(ev.stream_id, int(ev.error_code or 0)))
         elif isinstance(ev, h2.events.WindowUpdated):
             out.append(WindowOpened(ev.stream_id or 0))
@@ -317,7 +421,7 @@ class HboneProtocol:
         elif isinstance(ev, h2.events.TrailersReceived) and ev.stream_ended is not None:
             out.append(StreamEnded(ev.stream_id))
 
-    def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
+    def _on_request(self, ev: h2.events.RequestReceived, out: list[Any]) -> None:
         headers: dict[str, str] = {}
         for k, v in ev.headers:
             headers[k.decode("latin-1")] = v.decode("latin-1")
@@ -334,6 +438,7 @@ class HboneProtocol:
             # Draining: streams above our GOAWAY's last id are refused (RFC 9113 6.8).
             self._h2.reset_stream(sid, ErrorCode.REFUSED_STREAM)
             return out.append(StreamReset(sid, ErrorCode.REFUSED_STREAM))
+        self._batch_requests[sid] = len(out)
         out.append(ConnectRequested(sid, target, headers))
         if ev.stream_ended is not None:
             out.append(StreamEnded(sid))
@@ -342,12 +447,12 @@ class HboneProtocol:
         self.respond(stream_id, status, end_stream=True)
         return ConnectRefused(stream_id, status, reason)
 
-    def _fail(self, code: int, reason: str) -> ConnectionFailed:
+    def _fail(self, code: int, reason: str, abuse: str = "") -> ConnectionFailed:
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self._h2.close_connection(error_code=code)
         self.closed = True
         self.goaway_sent = True
-        return ConnectionFailed(code, reason)
+        return ConnectionFailed(code, reason, abuse)
 
     # ---- commands ----
 

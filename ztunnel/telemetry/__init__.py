@@ -5,6 +5,8 @@
   collector), `istio_build` and process metrics, all on a registry passed in.
 - `accesslog`: the "connection complete" access log on the `ztunnel.access` logger.
 - `observer`: `Telemetry`, the observer the composition root gives the connection tracker.
+- `protection`: metrics of the limits and protections (load shed, HTTP/2 abuse cut-offs,
+  cancelled streams, connections held, pending handshakes, asyncio tasks).
 
 The HTTP side (serving `/metrics`, readiness and the admin API) is in `ztunnel.admin`.
 """

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.h2wire import frame
 from ztunnel.hbone import protocol as p
 from ztunnel.hbone.headers import ConnectRequest
 
@@ -57,15 +58,6 @@ class Frame:
     flags: int
     stream_id: int
     payload: bytes
-
-
-def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return (
-        len(payload).to_bytes(3, "big")
-        + bytes([ftype, flags])
-        + (stream_id & 0x7FFFFFFF).to_bytes(4, "big")
-        + payload
-    )
 
 
 def parse_frames(data: bytes) -> list[Frame]:
