@@ -10,17 +10,29 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+from kubernetes.utils.quantity import parse_quantity
 from kubernetes_validate.utils import all_versions
 
 from cni import main as cni_main
 from cni import plugin as cni_plugin
 from cni import selection
-from tests.deploy.conftest import DEPLOY, KUSTOMIZATIONS, Docs, container, kustomize, one, parse
+from tests.deploy.conftest import (
+    DEPLOY,
+    KUSTOMIZATIONS,
+    ROOT,
+    Docs,
+    container,
+    kustomize,
+    one,
+    parse,
+)
 from waypoint import cli as waypoint_cli
 from waypoint import config as waypoint_config
 from waypoint.config import WaypointSettings
@@ -390,6 +402,61 @@ def test_privileges_are_the_ones_the_image_lab_proves(rendered: Callable[[str], 
         host = next(v for v in pod["volumes"] if v["name"] == volume)["hostPath"]["path"]
         assert host == path
     assert mount(agent, "tmp")["mountPath"] == "/tmp"  # kheaders fallback unpacks here
+
+
+# Figures the README states next to the benchmark's: the loader process's RSS (README, "How
+# capture works") and one TLS handshake in progress (README, "Limits and protections").
+LOADER_RSS = 150e6
+HANDSHAKE_BYTES = 70e3
+# Of the memory limit, what held connections and handshakes may take at worst; the rest is for
+# data in flight (socket buffers are charged to the container's memory cgroup too).
+CONNECTIONS_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class BenchFigures:
+    vcpu_per_1k_rps: float  # worst agent, at the fixed 1,000 req/s
+    idle_rss: float  # bytes, worst eBPF agent
+    bytes_per_connection: float  # worst agent, idle tunneled connections
+
+
+def bench_figures() -> BenchFigures:
+    """The latest full benchmark's figures, from the block `ztunnel bench` writes into the
+    README (the measured figures the DaemonSet's resources are sized from)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("<!-- bench:begin") : text.index("<!-- bench:end")]
+    vcpu = re.search(r"vCPU per 1,000 req/s .*?: fixed ([\d.]+)", block)
+    rss = re.search(r"^- idle RSS \(ebpf\): (.*)$", block, re.M)
+    conns = re.search(r"^- \d+ idle connections through mesh: (.*)$", block, re.M)
+    assert vcpu and rss and conns, "the README's benchmark block changed its format"
+    return BenchFigures(
+        vcpu_per_1k_rps=float(vcpu[1]),
+        idle_rss=max(float(mb) for mb in re.findall(r"([\d.]+) MB", rss[1])) * 1e6,
+        bytes_per_connection=max(
+            float(b.replace(",", "")) for b in re.findall(r"\(([\d,]+) B/conn\)", conns[1])
+        ),
+    )
+
+
+def test_agent_resources_follow_the_benchmark(rendered: Callable[[str], Docs]) -> None:
+    """Requests cover the measured cost of a node's ordinary load; the connection cap keeps
+    the worst case of held connections inside the memory limit, so that a flood is shed by
+    the agent (counted, logged) instead of ending in the OOM killer."""
+    f = bench_figures()
+    for rel in ("deploy/overlays/istiod", "deploy/overlays/standalone"):
+        _, _, agent, s = rendered_agent(rendered, rel)
+        requests, limits = agent["resources"]["requests"], agent["resources"]["limits"]
+        assert "cpu" not in limits  # throttling a data path adds latency
+        assert parse_quantity(requests["cpu"]) >= Decimal(str(f.vcpu_per_1k_rps))
+        start_peak = f.idle_rss + LOADER_RSS
+        assert parse_quantity(requests["memory"]) >= Decimal(start_peak)
+        assert s.max_connections > 0, "the cap must follow the memory limit, not open files"
+        worst = (
+            start_peak
+            + s.max_pending_handshakes * HANDSHAKE_BYTES
+            + s.max_connections * f.bytes_per_connection
+        )
+        assert worst <= CONNECTIONS_SHARE * float(parse_quantity(limits["memory"])), (rel, worst)
 
 
 def agent_settings_pin_dir(agent: dict[str, Any]) -> str:
