@@ -12,6 +12,7 @@ import pytest
 
 from ztunnel.ca import CertificateAuthority
 from ztunnel.certs import CertificateManager, LocalCaSource
+from ztunnel.errors import HboneError
 from ztunnel.hbone.connection import CLOSE_GRACE, HboneStream
 from ztunnel.hbone.headers import ConnectRequest
 from ztunnel.hbone.pool import HbonePool, PoolKey
@@ -77,6 +78,46 @@ async def test_reset_streams_with_unread_data_do_not_leak_the_connection_window(
             s.ack(len(data))
         assert reply == str(20 * MiB).encode()
         assert pool.stats()["created"] == 1  # the same connection carried everything
+    finally:
+        await pool.close(1)
+        await srv.drain(1)
+        await certs.close()
+
+
+async def test_an_unanswered_connect_times_out_with_504_and_resets_only_its_stream() -> None:
+    """The CONNECT response deadline: a server that never answers one stream costs the client
+    that stream (504, RST_STREAM so the server's handler stops), not the connection."""
+    certs = CertificateManager(LocalCaSource(CertificateAuthority.create()))
+    ctxs = ContextCache()
+    stopped = asyncio.Event()
+
+    async def handler(stream: HboneStream, req: ConnectRequested) -> None:
+        if req.target[1] == 2:
+            stream.respond(200)
+            stream.end()
+            return
+        try:
+            await asyncio.Event().wait()  # never answers
+        finally:
+            stopped.set()
+
+    ip = f"{random_loopback_net()}.1"
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((ip, 0))
+    ls.listen(16)
+    srv = HboneServer(certs, ctxs, "cluster.local", lambda _ip: B, handler)
+    srv.serve(ls)
+    pool = HbonePool(certs, ctxs, connect_timeout=0.5)
+    key = PoolKey(A, frozenset({B}), (ipaddress.ip_address(ip), ls.getsockname()[1]), None)
+    try:
+        with pytest.raises(HboneError) as exc:
+            await asyncio.wait_for(pool.open_stream(key, ConnectRequest(f"{ip}:1")), 10)
+        assert exc.value.status == 504
+        await asyncio.wait_for(stopped.wait(), 10)  # the reset reached the server's handler
+        s = await asyncio.wait_for(pool.open_stream(key, ConnectRequest(f"{ip}:2")), 10)
+        assert await asyncio.wait_for(s.read(), 10) == b""
+        assert pool.stats()["created"] == 1
     finally:
         await pool.close(1)
         await srv.drain(1)

@@ -37,7 +37,6 @@ from ztunnel.authz.policy import (
     StringMatch,
     WorkloadSelector,
 )
-from ztunnel.meshconfig.resource import parse_timestamp
 
 ROOT_NAMESPACE = "istio-system"
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
@@ -106,6 +105,10 @@ def _created(ctx: f.Ctx, value: Any, path: str) -> float | None:
     """metadata.creationTimestamp as seconds."""
     if value is None:
         return None
+    # Imported here: `ztunnel.meshconfig` (the waypoint's route compiler, 4 MB) is not
+    # otherwise needed by the node agent.
+    from ztunnel.meshconfig.resource import parse_timestamp
+
     try:
         return parse_timestamp(value)
     except ValueError:

@@ -26,13 +26,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink.exceptions import NetlinkError
-
+from ztunnel.capture import pyroute2_lean
 from ztunnel.capture.errors import CaptureError
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+    from pyroute2 import netns as pyroute2_netns
+    from pyroute2.netlink.exceptions import NetlinkError
+else:
+    # Without the package __init__'s every netlink family: 7 MB less agent RSS.
+    IPRoute, pyroute2_netns, NetlinkError = pyroute2_lean.load()
 
 RT_SCOPE_HOST = 254
 RTPROT_STATIC = 4

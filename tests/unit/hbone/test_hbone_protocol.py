@@ -687,3 +687,80 @@ def test_arbitrary_request_headers_never_raise(headers: list[tuple[str, str]]) -
             | p.WindowOpened
             | p.StreamReset,
         ), ev
+
+
+# ---- DATA written without h2 (the send fast path) --------------------------------------------
+
+
+def _client_to_raw_server() -> tuple[p.HboneProtocol, h2.connection.H2Connection, int]:
+    """Our client, a stream open to python-hyper h2 as the server with its defaults (16 KiB
+    frames, 64 KiB windows), the 200 received."""
+    c = p.HboneProtocol(True, 0.0)
+    srv = raw_h2(False)
+    sid = c.open_stream(ConnectRequest("10.0.0.1:8080"))
+    srv.receive_data(bytes(c.data_to_send()))
+    srv.send_headers(sid, [(b":status", b"200")])
+    c.receive(srv.data_to_send(), 0.0)
+    srv.receive_data(bytes(c.data_to_send()))  # SETTINGS ACK
+    return c, srv, sid
+
+
+def test_data_frames_follow_the_peers_frame_size_and_windows() -> None:
+    c, srv, sid = _client_to_raw_server()
+    payload = bytes(range(256)) * 400  # 102,400 bytes: more than the 65,535 windows
+    assert c.send_capacity(sid) == 65535
+    n = c.send_data(sid, memoryview(payload))
+    assert n == 65535 and c.send_capacity(sid) == 0
+    wire = bytes(c.data_to_send())
+    frames = parse_frames(wire)
+    assert [(f.type, f.flags, f.stream_id) for f in frames] == [(DATA, 0, sid)] * 4
+    assert [len(f.payload) for f in frames] == [16384, 16384, 16384, 16383]
+    got = b"".join(e.data for e in srv.receive_data(wire) if isinstance(e, h2.events.DataReceived))
+    assert got == payload[:n]
+    assert c.send_data(sid, payload[n:]) == 0 and c.data_to_send() == b""
+    # The peer returns window: the rest goes, and h2's own accounting agrees with ours.
+    srv.acknowledge_received_data(n, sid)
+    c.receive(srv.data_to_send(), 0.0)
+    assert c.send_data(sid, payload[n:]) == len(payload) - n
+    got = b"".join(
+        e.data
+        for e in srv.receive_data(bytes(c.data_to_send()))
+        if isinstance(e, h2.events.DataReceived)
+    )
+    assert got == payload[n:]
+    assert c._h2.local_flow_control_window(sid) == 65535 - (len(payload) - n)
+
+
+def test_no_data_after_our_end_of_stream_and_data_after_the_peers() -> None:
+    c, srv, sid = _client_to_raw_server()
+    srv.send_data(sid, b"bye", end_stream=True)  # the server is done: half-closed (remote)
+    evs = c.receive(srv.data_to_send(), 0.0)
+    assert p.StreamEnded(sid) in evs
+    assert c.send_data(sid, b"still here") == len(b"still here")
+    c.end_stream(sid)
+    wire = bytes(c.data_to_send())
+    assert [(f.type, f.flags, f.payload) for f in parse_frames(wire)] == [
+        (DATA, 0, b"still here"),
+        (DATA, END_STREAM, b""),
+    ]
+    assert c.send_data(sid, b"late") == 0 and c.data_to_send() == b""
+    assert c.send_data(sid + 2, b"no such stream") == 0
+
+
+def test_request_headers_are_literal_strings_a_peer_decodes() -> None:
+    """No Huffman coding of our header strings (RFC 7541 section 5.2: the encoder's choice):
+    the values appear verbatim in the block, and a python-hyper h2 server decodes them."""
+    c = p.HboneProtocol(True, 0.0)
+    srv = raw_h2(False)
+    req = ConnectRequest(
+        "10.0.0.1:8080",
+        forwarded='for="10.0.0.9:40000"',
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    )
+    sid = c.open_stream(req)
+    wire = bytes(c.data_to_send())
+    (block,) = [f.payload for f in parse_frames(wire) if f.type == HEADERS]
+    assert req.traceparent.encode() in block and req.forwarded.encode() in block
+    (got,) = [e for e in srv.receive_data(wire) if isinstance(e, h2.events.RequestReceived)]
+    assert got.stream_id == sid
+    assert dict(got.headers) == dict(req.header_list())
