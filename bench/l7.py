@@ -15,11 +15,14 @@ Paths (each crosses the same veths and bridge):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
+import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,13 +31,15 @@ from typing import Any
 
 import yaml
 
+from bench.procstat import ProcessGone, cpu_seconds
 from bench.tools import BenchError, Processes, wait_port
 from ztunnel.lab import runner
 from ztunnel.lab import topology as topo
 from ztunnel.lab import waypoint as waypoint_lab
 from ztunnel.lab.topology import Topology
 
-SOURCE = Path(__file__).resolve().parent / "httpload.c"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+SOURCE = ROOT / "bench" / "httpload.c"
 BACKEND_PORT = 9080
 NGINX_PORT = 8081
 HAPROXY_PORT = 8082
@@ -201,8 +206,42 @@ def set_backend_enrolled(lab: L7Lab, enrolled: bool, binary: Path) -> None:
             measure(lab, binary, s, 2, 0.3)
 
 
+# Whose CPU each scenario's rate test reads: the proxy process (with its children: nginx's
+# worker) and the node agents (mesh paths only).
+PROXY_OF = {"nginx": "nginx", "haproxy": "haproxy", "waypoint": "waypoint"}
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of `pid` and its child processes (nginx's master forks its worker)."""
+    total = cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(ProcessGone):
+                    total += cpu_seconds(int(child))
+    return total
+
+
+def _cpu_of(lab: L7Lab, scenario: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with contextlib.suppress(ProcessGone, OSError):
+        if (name := PROXY_OF.get(scenario)) is not None:
+            out["proxy"] = _tree_cpu(lab.pids[name])
+        if scenario in MESH:
+            out["agents"] = sum(
+                cpu_seconds(
+                    int((runner.lab_dir(lab.topology.lab_id) / n.name / "agent.pid").read_text())
+                )
+                for n in lab.topology.nodes
+            )
+    return out
+
+
 def measure(lab: L7Lab, binary: Path, scenario: str, conns: int, seconds: float) -> dict[str, Any]:
+    """One load run; with `cpu_us_per_req` of the proxy and the agents on the path: what a
+    request costs them, far steadier on a shared machine than the rate itself."""
     netns, host, port, authority = _target(lab, scenario)
+    before = _cpu_of(lab, scenario)
     argv = topo.netns_exec_argv(
         netns,
         [
@@ -226,6 +265,10 @@ def measure(lab: L7Lab, binary: Path, scenario: str, conns: int, seconds: float)
         raise BenchError(f"l7 {scenario}: {done.stderr.strip()[-300:] or 'no output'}") from None
     if not res.get("requests"):
         raise BenchError(f"l7 {scenario}: no request completed ({res})")
+    after = _cpu_of(lab, scenario)
+    res["cpu_us_per_req"] = {
+        k: round((after[k] - before[k]) * 1e6 / res["requests"], 1) for k in before if k in after
+    }
     return res
 
 
@@ -263,6 +306,7 @@ def run(
         "reps": reps,
         "seconds": seconds,
         "conns": conns,
+        "load": round(os.getloadavg()[0], 1),
         "lab_id": lab.topology.lab_id,
     }
 
@@ -283,6 +327,8 @@ def _summary(by: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "p50_us": med("lat", "latency_us", "p50"),
         "p99_us": med("lat", "latency_us", "p99"),
         "errors": sum(int(r.get("errors", 0)) for k in by for r in by[k]),
+        "proxy_cpu_us": med("max", "cpu_us_per_req", "proxy"),
+        "agents_cpu_us": med("max", "cpu_us_per_req", "agents"),
     }
 
 
@@ -295,7 +341,12 @@ def _ratios(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
         x, y = summary[s].get(q), summary["direct"].get(q)
         return round(x - y, 1) if x is not None and y is not None else None
 
+    def cpu_ratio(a: str, b: str) -> float | None:
+        x, y = summary[a].get("proxy_cpu_us"), summary[b].get("proxy_cpu_us")
+        return round(x / y, 1) if x and y else None
+
     return {
+        "waypoint_vs_nginx_cpu": cpu_ratio("waypoint", "nginx"),
         "waypoint_vs_nginx_rps": ratio("waypoint", "nginx"),
         "waypoint_vs_haproxy_rps": ratio("waypoint", "haproxy"),
         "nginx_vs_direct_rps": ratio("nginx", "direct"),
@@ -309,15 +360,21 @@ def _ratios(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def table(res: dict[str, Any]) -> str:
     lines = [
-        "| L7 path | req/s (16 conns) | p50 us (1 conn) | p99 us | +p50 us vs direct | +p99 us |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| L7 path | req/s ({res.get('conns', 16)} conns) | p50 us (1 conn) | p99 us "
+        "| +p50 us vs direct | +p99 us | proxy CPU us/req | agents CPU us/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def cpu(v: float | None) -> str:
+        return "-" if v is None else f"{v:,.0f}"
+
     for s in SCENARIOS:
         m = res["summary"][s]
         a = res["ratios"]["added_us"].get(s, {"p50": 0, "p99": 0})
         lines.append(
             f"| {s} | {m['rps'] or 0:,.0f} | {m['p50_us'] or 0:.0f} | {m['p99_us'] or 0:.0f} | "
-            f"+{a['p50'] or 0:.0f} | +{a['p99'] or 0:.0f} |"
+            f"+{a['p50'] or 0:.0f} | +{a['p99'] or 0:.0f} | {cpu(m.get('proxy_cpu_us'))} | "
+            f"{cpu(m.get('agents_cpu_us'))} |"
         )
     r = res["ratios"]
     lines.append("")
@@ -326,6 +383,11 @@ def table(res: dict[str, Any]) -> str:
         f"{r['waypoint_vs_haproxy_rps']}x (the waypoint path also has two node agents and two "
         "mTLS hops; mesh-l4 shows their share)"
     )
+    if r.get("waypoint_vs_nginx_cpu"):
+        lines.append(
+            f"- CPU per request, waypoint vs nginx: {r['waypoint_vs_nginx_cpu']}x (steadier than "
+            "the rates on a shared machine: a request waits for a CPU at every hop)"
+        )
     return "\n".join(lines)
 
 
@@ -341,7 +403,38 @@ def update_readme(readme: Path, res: dict[str, Any]) -> None:
         return
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     block = (
-        f"{README_BEGIN}\nLatest run: {when}; medians of {res['reps']} run(s) of "
-        f"{res['seconds']} s; 1 KiB answers from nginx.\n\n{table(res)}\n"
+        f"{README_BEGIN}\nLatest run: {when} (this machine: 2 cores shared with other test "
+        f"runs, load average {res.get('load', '?')} at the end: rates and latencies are "
+        "noisy, CPU per request much less); medians of "
+        f"{res['reps']} run(s) of {res['seconds']} s; 1 KiB answers from nginx.\n\n"
+        f"{table(res)}\n"
     )
     readme.write_text(text[:start] + block + text[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.l7`: only the L7 section (as root), e.g. after a waypoint
+    change; `ztunnel bench` runs it after the L4 suite."""
+    ap = argparse.ArgumentParser(prog="python -m bench.l7", description=main.__doc__)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (medians over them)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
+    ap.add_argument("--conns", type=int, default=16, help="connections of the rate test")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--readme", action="store_true", help="rewrite the README's L7 table")
+    args = ap.parse_args(argv)
+    if not 1 <= args.reps <= 20 or not 0.2 <= args.seconds <= 60 or not 1 <= args.conns <= 1024:
+        ap.error("--reps 1..20, --seconds 0.2..60, --conns 1..1024")
+    res = run(args.reps, args.seconds, args.out, lambda m: print(m, flush=True), args.conns)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "l7.json").write_text(json.dumps(res, indent=1) + "\n")
+    print("\n" + table(res))
+    for e in res["errors"]:
+        print(f"ERROR {e}")
+    if args.readme and not res["errors"]:
+        update_readme(ROOT / "README.md", res)
+        print(f"updated the L7 table of {ROOT / 'README.md'}")
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -368,7 +368,9 @@ class NodeController:
 
         body = {"metadata": {"annotations": {selection.REDIRECTION_ANNOTATION: a.value}}}
         try:
-            self.api.patch_namespaced_pod(
+            # Through pods/status, as istio-cni does: RBAC can grant patching the status
+            # subresource (which may change labels and annotations) without the pod itself.
+            self.api.patch_namespaced_pod_status(
                 a.name,
                 a.namespace,
                 body,

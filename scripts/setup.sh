@@ -17,8 +17,12 @@ pkgs=(
   nodejs                                                   # HTTP/2 interop peer (nghttp2)
   containernetworking-plugins                              # real CNI plugins (bridge, ptp, host-local) for the Kubernetes lab
   nginx-light haproxy nghttp2-client curl                  # waypoint: L7 benchmark peers, HTTP clients
+  python3-venv                                             # the venv on a plain Debian (lab VM)
+  podman runc buildah mmdebstrap                           # the OCI image: offline build, image lab
 )
-pkgs_norec=()
+pkgs_norec=(
+  vagrant                                                  # Vagrantfile validation (no provider)
+)
 APT_LOCK=(-o DPkg::Lock::Timeout=600)
 missing() { for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done; }
 mapfile -t need < <(missing "${pkgs[@]}")

@@ -8,6 +8,7 @@ passed in."""
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import random
 from dataclasses import dataclass, field
@@ -26,8 +27,8 @@ class Endpoint:
     address: IPAddress
     port: int
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # read several times per request; formatting an address is slow
         return f"{self.address}:{self.port}"
 
 

@@ -88,6 +88,7 @@ class RequestHandler:
     rng: random.Random = field(default_factory=random.Random)
     clusters: dict[str, Cluster] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _cluster_views: dict[str, WaypointView] = field(default_factory=dict)
 
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
@@ -98,13 +99,16 @@ class RequestHandler:
     # ---- clusters ----
 
     def cluster(self, view: WaypointView, ref: ClusterRef, port: int) -> Cluster:
-        policy = view.routes.policy(ref, port)
         name = f"{ref.host}|{ref.subset}|{port}"
         c = self.clusters.get(name)
+        if c is not None and self._cluster_views.get(name) is view:
+            return c  # policy and endpoints change only with the view
+        policy = view.routes.policy(ref, port)
         endpoints = view.endpoints(ref, port, policy.subset_labels)
         if c is None:
             c = self.clusters[name] = Cluster(name, policy, self.rng)
         c.update(policy, endpoints)
+        self._cluster_views[name] = view
         return c
 
     # ---- the request ----
@@ -157,9 +161,24 @@ class RequestHandler:
         rec.status = response.head.status
         rec.grpc_status = header(response.head.headers, "grpc-status") or rec.grpc_status
         src = response.body
-        # An already complete empty body stays recognisably empty (trailers-only answers).
-        done = src.ended and src.failed is None
-        out = BodyChannel.of(b"", src.trailers) if done else BodyChannel()
+
+        def record() -> None:
+            rec.request_bytes = body.received
+            rec.duration = time.monotonic() - t0
+            with contextlib.suppress(Exception):
+                self.metrics.record(rec)
+                log_request(rec)
+                if self.tracer is not None:
+                    self.tracer.export(trace, rec, start_ns, time.time_ns())  # type: ignore[arg-type]
+
+        if src.complete:
+            # The whole answer is here (every small response): counted and recorded now,
+            # and handed on as it is, without a copying task.
+            rec.response_bytes = src.queued
+            rec.grpc_status = header(src.trailers, "grpc-status") or rec.grpc_status
+            record()
+            return response
+        out = BodyChannel()
 
         async def pump() -> None:
             try:
@@ -175,13 +194,7 @@ class RequestHandler:
                 out.fail(e)
                 src.fail(e)
             finally:
-                rec.request_bytes = body.received
-                rec.duration = time.monotonic() - t0
-                with contextlib.suppress(Exception):
-                    self.metrics.record(rec)
-                    log_request(rec)
-                    if self.tracer is not None:
-                        self.tracer.export(trace, rec, start_ns, time.time_ns())  # type: ignore[arg-type]
+                record()
 
         self._spawn(pump(), "response-body")
         return Response(response.head, out)

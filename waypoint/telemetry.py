@@ -220,6 +220,8 @@ class RequestMetrics(Collector):
 
 def log_request(r: RequestRecord) -> None:
     """The access log: one line per request ("request complete"), fields as extras."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return  # (`--log-level warning`): not even the fields are built
     fields: dict[str, Any] = {
         "src.addr": r.src_addr,
         "method": r.method,

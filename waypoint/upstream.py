@@ -182,7 +182,7 @@ class Upstreams:
                 self._closed(cluster, conn, pool)
             self._notify(cluster)
 
-        _when_done(channel, finish)
+        channel.add_done_callback(finish)
         return Exchange(response, channel, ep, finish=lambda: None)
 
     def _closed(self, cluster: Cluster, conn: H1ClientConnection, pool: _Pool) -> None:
@@ -225,7 +225,7 @@ class Upstreams:
             cluster.breaker.active -= 1
             self._notify(cluster)
 
-        _when_done(channel, finish)
+        channel.add_done_callback(finish)
         del sid
         return Exchange(response, channel, ep, finish=lambda: None)
 
@@ -244,20 +244,6 @@ class Upstreams:
             for s in pool.h2:
                 s.close()
         self.pools.clear()
-
-
-def _when_done(channel: BodyChannel, finish: Callable[[], None]) -> None:
-    """Run `finish` once the response has been received to its end (or failed)."""
-
-    async def wait() -> None:
-        try:
-            await channel.done.wait()
-        finally:
-            finish()
-
-    task = asyncio.ensure_future(wait())
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
 
 
 _tasks: set[asyncio.Task[None]] = set()

@@ -101,12 +101,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _lab(args: argparse.Namespace) -> int:
     from ztunnel.lab import demo, runner, topology
+    from ztunnel.lab.image import ImageOptions
     from ztunnel.lab.topology import LabError
 
     try:
+        image = ImageOptions(args.image) if getattr(args, "image", None) else None
         if args.lab_command == "up":
             t = runner.up(
-                args.nodes, args.pods, lambda m: print(f"  .. {m}", flush=True), args.istiod
+                args.nodes,
+                args.pods,
+                lambda m: print(f"  .. {m}", flush=True),
+                istiod=args.istiod,
+                image=image,
             )
             print(
                 f"lab {t.lab_id} is up; `ztunnel lab status` shows it, `ztunnel lab down` "
@@ -118,10 +124,14 @@ def _lab(args: argparse.Namespace) -> int:
             if args.mode in ("all", "k8s"):  # the Kubernetes story (ztunnel.lab.k8sdemo)
                 from ztunnel.lab import k8sdemo
 
-                rc |= k8sdemo.main(args.nodes, args.pods, args.cni)
+                rc |= k8sdemo.main(args.nodes, args.pods, args.cni, image)
             if args.mode in ("all", "static"):
-                rc |= demo.main(args.nodes, args.pods, args.keep, args.istiod)
+                rc |= demo.main(args.nodes, args.pods, args.keep, args.istiod, image)
             return rc
+        if args.lab_command == "machine":
+            from ztunnel.lab import machine_cli
+
+            return machine_cli.main(args)
         if args.lab_command == "status":
             return runner.print_status()
         if args.lab_command == "down":
@@ -183,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = lab_sub.add_parser(name, help=text)
         p.add_argument("--nodes", type=int, default=2)
         p.add_argument("--pods", type=int, default=3, help="pods per node")
+        p.add_argument(
+            "--image",
+            default=None,
+            help="run the node agents from this OCI image with podman (scripts/build-image.sh)",
+        )
         if name == "demo":
             p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
             p.add_argument(
@@ -202,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
             "running in the lab network, instead of the file",
         )
     lab_sub.add_parser("status", help="labs, agents, enrolled pods, connections")
+    from ztunnel.lab import machine_cli
+
+    machine_cli.add_parser(lab_sub)
     down = lab_sub.add_parser("down", help="remove labs (all, also leftovers of killed runs)")
     down.add_argument("--lab", default=None, help="only this lab id")
     lab.set_defaults(func=_lab)

@@ -24,6 +24,13 @@ def test_l7_section_measures_every_path(tmp_path: Path) -> None:
         assert s["rps"] and s["rps"] > 0, (scenario, s)
         assert s["p50_us"] and s["p50_us"] > 0, (scenario, s)
     assert res["ratios"]["waypoint_vs_nginx_rps"] is not None
+    # CPU per request of the proxy on each proxied path, and of the agents on the mesh paths.
+    for scenario in ("nginx", "haproxy", "waypoint"):
+        assert res["summary"][scenario]["proxy_cpu_us"] is not None, scenario
+    assert res["summary"]["waypoint"]["proxy_cpu_us"] > 0
+    for scenario in ("waypoint", "mesh-l4"):
+        assert res["summary"][scenario]["agents_cpu_us"] > 0, scenario
+    assert res["summary"]["direct"]["agents_cpu_us"] is None
     # Its own namespaces are gone (other labs may run at the same time).
     assert not [n for n in topology.list_netns() if n.startswith(f"{res['lab_id']}-")]
     assert "| waypoint |" in l7.table(res)

@@ -133,6 +133,9 @@ async def _read_head(
             async with asyncio.timeout(limits.idle_timeout):
                 data = await stream.read()
             conn.receive_data(data)
+            ev = conn.next_event()  # the head usually came whole: no second timer
+            if ev is not h11.NEED_DATA:
+                return ev
         async with asyncio.timeout(limits.header_timeout):
             return await _next_event(conn, stream)
     except TimeoutError:
@@ -143,8 +146,9 @@ async def _read_head(
         raise ProtocolError(e.error_status_hint, f"malformed request: {e}") from None
 
 
-def _request_head(ev: h11.Request, limits: ServerLimits, scheme: str) -> RequestHead:
-    headers = _dec(ev.headers)
+def _request_head(
+    ev: h11.Request, headers: HeaderList, limits: ServerLimits, scheme: str
+) -> RequestHead:
     if len(headers) > limits.max_headers:
         raise ProtocolError(431, f"more than {limits.max_headers} header fields")
     names = [k for k, _ in headers]
@@ -182,20 +186,28 @@ async def _serve_one(
     ev: h11.Request,
     scheme: str,
 ) -> bool:
+    ev_headers = _dec(ev.headers)
     try:
-        head = _request_head(ev, limits, scheme)
+        head = _request_head(ev, ev_headers, limits, scheme)
     except ProtocolError as e:
         await _refuse(conn, stream, e.status, str(e))
         return False
     body = BodyChannel()
-    if header(ev_headers := _dec(ev.headers), "content-length") is None and (
+    if header(ev_headers, "content-length") is None and (
         header(ev_headers, "transfer-encoding") is None
     ):
         # RFC 9112 section 6.3: neither field, no body. Known now, so that an upstream
         # request can be sent with Content-Length 0 and its connection reused.
         body.end()
-    pump = asyncio.ensure_future(_pump_request(conn, stream, body, limits))
-    pump.set_name(f"h1-body {stream.peer()}")
+    pump: asyncio.Future[bool]
+    end: Any = conn.next_event() if body.ended else h11.NEED_DATA
+    if end is not h11.NEED_DATA:
+        # No body, and h11 has its end already (a GET): known at once, no pump task.
+        pump = asyncio.get_running_loop().create_future()
+        pump.set_result(isinstance(end, h11.EndOfMessage))
+    else:
+        pump = asyncio.ensure_future(_pump_request(conn, stream, body, limits))
+        pump.set_name(f"h1-body {stream.peer()}")
     try:
         try:
             response = await handler(head, body)
@@ -262,13 +274,22 @@ async def _write_response(
     chunked = header(headers, "content-length") is None and not no_body
     if conn.their_http_version == b"1.0" and chunked:
         headers.append(("connection", "close"))
+    body = response.body
     try:
-        await _send(conn, stream, h11.Response(status_code=head.status, headers=_enc(headers)))
+        # What is ready goes out in one write: the head, the body chunks already there and,
+        # when the body is complete, its end (one DATA frame and TLS record for a small
+        # answer instead of one per piece).
+        parts = [conn.send(h11.Response(status_code=head.status, headers=_enc(headers)))]
         if not no_body:
-            async for chunk in response.body:
-                await _send(conn, stream, h11.Data(data=chunk))
-        trailers = response.body.trailers if chunked and conn.their_http_version != b"1.0" else []
-        await _send(conn, stream, h11.EndOfMessage(headers=_enc(forwardable(trailers))))
+            parts += [conn.send(h11.Data(data=chunk)) for chunk in body.take_ready()]
+            if not body.complete:
+                await stream.write(b"".join(p for p in parts if p))
+                parts = []
+                async for chunk in body:
+                    await _send(conn, stream, h11.Data(data=chunk))
+        trailers = body.trailers if chunked and conn.their_http_version != b"1.0" else []
+        parts.append(conn.send(h11.EndOfMessage(headers=_enc(forwardable(trailers)))))
+        await stream.write(b"".join(p for p in parts if p))
     except BodyClosed as e:
         log.info("response body to %s broke off: %s", stream.peer(), e)
         stream.abort()
@@ -339,6 +360,7 @@ class H1ClientConnection:
         UpstreamError("reset") when the connection breaks before it."""
         self.busy = True
         self.requests += 1
+        self._sender = None
         headers = [("host", head.authority), *forwardable(head.headers)]
         headers = [(k, v) for k, v in headers if k != "content-length"]
         chunked = length is None
@@ -347,15 +369,19 @@ class H1ClientConnection:
         elif length or head.method in ("POST", "PUT", "PATCH"):
             headers.append(("content-length", str(length)))
         try:
-            await _send(
-                self.conn,
-                self.stream,
-                h11.Request(method=head.method, target=head.path, headers=_enc(headers)),
+            data = self.conn.send(
+                h11.Request(method=head.method, target=head.path, headers=_enc(headers))
             )
+            if length == 0:
+                # No body: the head and its end go out in one write, and no sender task.
+                data = (data or b"") + (self.conn.send(h11.EndOfMessage()) or b"")
+            if data:
+                await self.stream.write(data)
         except (ConnectionError, OSError, h11.LocalProtocolError) as e:
             self.broken = True
             raise UpstreamError("reset", f"upstream connection failed: {e}") from None
-        self._sender = asyncio.ensure_future(self._send_body(body, chunked, trailers))
+        if length != 0:
+            self._sender = asyncio.ensure_future(self._send_body(body, chunked, trailers))
         try:
             while True:
                 ev = await _next_event(self.conn, self.stream)
@@ -364,16 +390,63 @@ class H1ClientConnection:
                 break
         except (ConnectionError, OSError, h11.RemoteProtocolError) as e:
             self.broken = True
-            self._sender.cancel()
+            self._cancel_sender()
             raise UpstreamError("reset", f"upstream reset before the response: {e}") from None
         if not isinstance(ev, h11.Response):
             self.broken = True
-            self._sender.cancel()
+            self._cancel_sender()
             raise UpstreamError("reset", "upstream closed the connection before responding")
         response = ResponseHead(ev.status_code, _dec(ev.headers))
         channel = BodyChannel()
-        self._reader = asyncio.ensure_future(self._read_body(channel))
+        # A small response arrives with its head: h11 holds all of it already, and the
+        # body is complete without a reader task.
+        if not self._take_buffered(channel):
+            self._reader = asyncio.ensure_future(self._read_body(channel))
         return response, channel
+
+    def _cancel_sender(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+
+    def _take_buffered(self, channel: BodyChannel) -> bool:
+        """Move the body events h11 already holds into `channel`; True when the response
+        is finished (complete or failed), False when more must be read."""
+        try:
+            while True:
+                ev = self.conn.next_event()
+                if ev is h11.NEED_DATA:
+                    return False
+                if isinstance(ev, h11.Data):
+                    channel.put_nowait(bytes(ev.data))
+                elif isinstance(ev, h11.EndOfMessage):
+                    self._complete(channel, _dec(ev.headers))
+                    return True
+                else:
+                    raise ConnectionResetError("upstream closed during the response body")
+        except (ConnectionError, h11.RemoteProtocolError) as e:
+            self._broke(channel, e)
+            return True
+
+    def _complete(self, channel: BodyChannel, trailers: HeaderList) -> None:
+        """The response is read to its end: settle the connection's reuse first, then end
+        the body (whose done callbacks may put this connection back in the pool)."""
+        if self._sender is not None and not self._sender.done():
+            # The response is complete before the request body was sent: never reuse.
+            self.broken = True
+            self._sender.cancel()
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        else:
+            self.broken = True
+        self.busy = False
+        self.idle_since = asyncio.get_running_loop().time()
+        channel.end(trailers)
+
+    def _broke(self, channel: BodyChannel, error: BaseException) -> None:
+        self.broken = True
+        self.busy = False
+        self.stream.abort()
+        channel.fail(error)
 
     async def _send_body(
         self, body: AsyncIterable[bytes], chunked: bool, trailers: Callable[[], HeaderList]
@@ -395,25 +468,16 @@ class H1ClientConnection:
                 if isinstance(ev, h11.Data):
                     await channel.put(bytes(ev.data))
                 elif isinstance(ev, h11.EndOfMessage):
-                    channel.end(_dec(ev.headers))
-                    break
+                    self._complete(channel, _dec(ev.headers))
+                    return
                 else:
                     raise ConnectionResetError("upstream closed during the response body")
-            if self._sender is not None and not self._sender.done():
-                # The response is complete before the request body was sent: never reuse.
-                self.broken = True
-                self._sender.cancel()
-            if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-                self.conn.start_next_cycle()
-            else:
-                self.broken = True
         except (ConnectionError, OSError, h11.RemoteProtocolError, BodyClosed) as e:
-            self.broken = True
-            channel.fail(e)
-            self.stream.abort()
+            self._broke(channel, e)
         finally:
-            self.busy = False
-            self.idle_since = asyncio.get_running_loop().time()
+            if self.busy:  # cancelled
+                self.busy = False
+                self.idle_since = asyncio.get_running_loop().time()
 
     def close(self) -> None:
         self.broken = True

@@ -116,8 +116,24 @@ class BodyChannel:
         self._writable = asyncio.Event()
         self._writable.set()
         self.done = asyncio.Event()  # set once the producer ended or anything failed
+        self._done_callbacks: list[Callable[[], None]] = []
         self.trailers: HeaderList = []
         self.received = 0
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once `done` is set (at once if it already is): what a task waiting on
+        `done` would do, without a task per request."""
+        if self.done.is_set():
+            fn()
+        else:
+            self._done_callbacks.append(fn)
+
+    def _set_done(self) -> None:
+        if not self.done.is_set():
+            self.done.set()
+            callbacks, self._done_callbacks = self._done_callbacks, []
+            for fn in callbacks:
+                fn()
 
     @classmethod
     def of(cls, data: bytes, trailers: HeaderList | None = None) -> BodyChannel:
@@ -128,7 +144,7 @@ class BodyChannel:
         body.trailers = trailers or []
         body._ended = True
         body._readable.set()
-        body.done.set()
+        body._set_done()
         return body
 
     async def put(self, data: bytes) -> None:
@@ -158,7 +174,7 @@ class BodyChannel:
             self.trailers = list(trailers)
         self._ended = True
         self._readable.set()
-        self.done.set()
+        self._set_done()
 
     def fail(self, error: BaseException) -> None:
         """The producer failed, or the consumer gave up: wake both sides."""
@@ -166,7 +182,7 @@ class BodyChannel:
             self._error = error
         self._readable.set()
         self._writable.set()
-        self.done.set()
+        self._set_done()
 
     @property
     def ended(self) -> bool:
@@ -175,6 +191,16 @@ class BodyChannel:
     @property
     def failed(self) -> BaseException | None:
         return self._error
+
+    @property
+    def complete(self) -> bool:
+        """The producer has ended it without error (chunks may still wait to be read)."""
+        return self._ended and self._error is None
+
+    @property
+    def queued(self) -> int:
+        """Bytes put and not yet read."""
+        return self._queued
 
     async def read(self) -> bytes:
         """The next chunk; b"" at the end; BodyClosed if the producer failed."""
@@ -192,6 +218,20 @@ class BodyChannel:
         if self._on_consumed is not None:
             self._on_consumed(len(data))
         return data
+
+    def take_ready(self) -> list[bytes]:
+        """The chunks queued now, without waiting (a writer can send them together with
+        what precedes them); `ended` then tells whether the body is complete."""
+        if not self._chunks:
+            return []
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        n = self._queued
+        self._queued = 0
+        self._writable.set()
+        if self._on_consumed is not None:
+            self._on_consumed(n)
+        return chunks
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while data := await self.read():

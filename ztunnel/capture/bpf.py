@@ -9,12 +9,14 @@ already pinned (a restart) and pinned by bcc when created; the programs are pinn
 from __future__ import annotations
 
 import os
+import sys
 
 import bcc  # the only import of bcc in the project (see shared/STYLE.md)
 
 from ztunnel.capture import syscalls
 from ztunnel.capture.config import CaptureConfig
 from ztunnel.capture.errors import CaptureError
+from ztunnel.capture.headers import find_kernel_headers
 from ztunnel.capture.objects import (
     MAP_NAMES,
     PROGRAM_NAMES,
@@ -32,6 +34,9 @@ def compile_and_pin(config: CaptureConfig) -> LoadReport:
         raise CaptureError("the loader needs a pin directory to hand the programs over")
     if not source.is_file():
         raise CaptureError(f"BPF source {source} not found")
+    headers = find_kernel_headers()  # or a CaptureError saying what to install or mount
+    os.environ.update(headers.env)  # read by libbcc when it compiles
+    print(f"kernel headers: {headers.describe()}", file=sys.stderr)
     prepare_pin_dir(pin_dir)
     remove_stale_temporaries(pin_dir)
     reused = tuple(name for name in MAP_NAMES if (pin_dir / name).exists())

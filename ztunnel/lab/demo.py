@@ -10,6 +10,7 @@ from typing import Any
 
 from ztunnel.lab import runner
 from ztunnel.lab import topology as topo
+from ztunnel.lab.image import ImageOptions
 from ztunnel.lab.topology import LabError, Topology
 
 
@@ -76,9 +77,12 @@ def _call(t: Topology, f: Flow, marker: str) -> dict[str, Any]:
     return runner.call_from(netns, f.dst_ip, f.port, marker)
 
 
-def run(t: Topology, progress: runner.Progress) -> list[list[str]]:
+def run(
+    t: Topology, progress: runner.Progress, flow_list: list[Flow] | None = None
+) -> list[list[str]]:
+    """Sends each flow (default: `flows(t)`) and returns one summary row per flow."""
     rows = []
-    fl = flows(t)
+    fl = flows(t) if flow_list is None else flow_list
     for i, f in enumerate(fl, 1):
         progress(f"flow {i}/{len(fl)}: {f.name}")
         offsets = {n.name: runner.access_lines(t, n)[1] for n in t.nodes}
@@ -127,7 +131,13 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(nodes: int = 2, pods: int = 3, keep: bool = False, istiod: bool = False) -> int:
+def main(
+    nodes: int = 2,
+    pods: int = 3,
+    keep: bool = False,
+    istiod: bool = False,
+    image: ImageOptions | None = None,
+) -> int:
     def progress(msg: str) -> None:
         print(f"  .. {msg}", flush=True)
 
@@ -137,10 +147,13 @@ def main(nodes: int = 2, pods: int = 3, keep: bool = False, istiod: bool = False
     print(
         "ztunnel lab demo: node agents with eBPF capture in network namespaces"
         + (", state and certificates from a test istiod" if istiod else "")
+        + (f", from image {image.image} (podman)" if image else "")
     )
     from ztunnel.lab import waypoint as waypoint_lab  # the L7 part (waypoint) of the demo
 
-    t = runner.up(nodes, max(pods, waypoint_lab.PODS_PER_NODE), progress, istiod)
+    t = runner.up(
+        nodes, max(pods, waypoint_lab.PODS_PER_NODE), progress, istiod=istiod, image=image
+    )
     try:
         print(
             f"  lab {t.lab_id} up in {time.monotonic() - t0:.1f}s: "

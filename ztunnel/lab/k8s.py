@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from ztunnel.ca import CertificateAuthority
+from ztunnel.lab import image as lab_image
 from ztunnel.lab import meshgen, runner
 from ztunnel.lab import topology as topo
 from ztunnel.lab.kubeapi import BY_PATH, ApiError, KubeApiServer, ObjectStore, Selector
@@ -621,21 +622,33 @@ def _answers(sock: str) -> bool:
         return False
 
 
-def _start_process(netns: str, argv: list[str], log_path: Path) -> int:
+def _start_process(t: Topology, node: NodeSpec, name: str, argv: list[str], log_path: Path) -> int:
+    """Starts one of the DaemonSet's processes on a node: from the venv in the node's namespace,
+    or, in an image lab, from the image with podman (`ztunnel.lab.image`)."""
+    image = lab_image.load(t.lab_id)
     with open(log_path, "ab") as out:
-        proc = topo.popen_in_netns(
-            netns,
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        io: dict[str, Any] = {
+            "stdout": out,
+            "stderr": subprocess.STDOUT,
+            "stdin": subprocess.DEVNULL,
+            "start_new_session": True,
+        }
+        if image is None:
+            proc = topo.popen_in_netns(node.netns, argv, **io)
+        else:
+            name = f"{node.name}-{name}"
+            proc = lab_image.start_process(t.lab_id, node.netns, name, image, argv, **io)
     return proc.pid
 
 
-def up(nodes: int = 2, cni: str = "ptp", progress: runner.Progress = runner._quiet) -> KubeLab:
-    """Builds the cluster (no pods yet); `down(lab)` removes everything."""
+def up(
+    nodes: int = 2,
+    cni: str = "ptp",
+    progress: runner.Progress = runner._quiet,
+    image: lab_image.ImageOptions | None = None,
+) -> KubeLab:
+    """Builds the cluster (no pods yet); `down(lab)` removes everything. Given `image`, the
+    agents, installers and controllers run from the OCI image with podman."""
     if shutil.which("nsenter") is None or not (CNI_BIN_DIR / "host-local").exists():
         raise LabError(
             "the Kubernetes lab needs nsenter and containernetworking-plugins in /usr/lib/cni (scripts/setup.sh installs them)"
@@ -647,6 +660,8 @@ def up(nodes: int = 2, cni: str = "ptp", progress: runner.Progress = runner._qui
     try:
         kd.mkdir(parents=True, exist_ok=True)
         CertificateAuthority.create("cluster.local").save(d / "ca")
+        if image is not None:
+            lab_image.save(t.lab_id, image)
         n0 = t.nodes[0]
         token = secrets.token_urlsafe(24)
         api = KubeApiServer(
@@ -710,7 +725,9 @@ def up(nodes: int = 2, cni: str = "ptp", progress: runner.Progress = runner._qui
             nd = lab.node_dir(node)
             sock = runner.enrolment_socket(t, node)
             _start_process(
-                node.netns,
+                t,
+                node,
+                "install-cni",
                 [
                     sys.executable,
                     "-m",
@@ -744,7 +761,9 @@ def up(nodes: int = 2, cni: str = "ptp", progress: runner.Progress = runner._qui
                 nd / "install.log",
             )
             _start_process(
-                node.netns,
+                t,
+                node,
+                "enrolment-controller",
                 [
                     sys.executable,
                     "-m",

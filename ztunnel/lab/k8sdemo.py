@@ -21,6 +21,7 @@ from typing import Any
 
 from ztunnel.lab import demo, k8s, runner
 from ztunnel.lab import topology as topo
+from ztunnel.lab.image import ImageOptions
 from ztunnel.lab.k8s import KubeLab
 from ztunnel.lab.topology import LabError
 
@@ -131,7 +132,7 @@ def captured_call(
     ]
 
 
-def main(nodes: int = 2, pods: int = 3, cni: str = "ptp") -> int:
+def main(nodes: int = 2, pods: int = 3, cni: str = "ptp", image: ImageOptions | None = None) -> int:
     if nodes < 2 or pods < 3:
         raise LabError("the demo needs at least 2 nodes and 3 pods per node")
     t0 = time.monotonic()
@@ -142,7 +143,7 @@ def main(nodes: int = 2, pods: int = 3, cni: str = "ptp") -> int:
     def progress(msg: str) -> None:
         print(f"  .. {msg}", flush=True)
 
-    lab = k8s.up(nodes, cni, progress)
+    lab = k8s.up(nodes, cni, progress, image=image)
     story = Story(lab)
     try:
         lab.policies.append(

@@ -595,18 +595,25 @@ class ObjectStore:
                     "Conflict",
                     f'Operation cannot be fulfilled on {res.plural} "{name}": the object has been modified; please apply your changes to the latest version and try again',
                 )
+            for k in ("labels", "annotations"):
+                v = changed["metadata"].get(k)
+                if v is not None and (
+                    not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values())
+                ):
+                    raise ApiError(422, "Invalid", f"metadata.{k} must map strings to strings")
             if status_only:
-                # pods/status and friends change only the status.
+                # pods/status and friends change the status and, as the real API's status
+                # strategy allows (istio-cni annotates pods this way), labels and annotations;
+                # never the spec or anything else of the metadata.
                 new = copy.deepcopy(old)
                 new["status"] = copy.deepcopy(changed.get("status") or {})
+                for k in ("labels", "annotations"):
+                    if changed["metadata"].get(k) is None:
+                        new["metadata"].pop(k, None)
+                    else:
+                        new["metadata"][k] = copy.deepcopy(changed["metadata"][k])
             else:
                 new = changed
-                for k in ("labels", "annotations"):
-                    v = new["metadata"].get(k)
-                    if v is not None and (
-                        not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values())
-                    ):
-                        raise ApiError(422, "Invalid", f"metadata.{k} must map strings to strings")
                 # Identity and server-owned fields stay as they were.
                 for k in (
                     "name",

@@ -27,6 +27,7 @@ import yaml
 
 from ztunnel.ca import CertificateAuthority
 from ztunnel.enrolment import EnrolmentError, request
+from ztunnel.lab import image as lab_image
 from ztunnel.lab import istiod_lab
 from ztunnel.lab import topology as topo
 from ztunnel.lab.topology import LabError, NodeSpec, PodSpec, Topology
@@ -121,12 +122,14 @@ def extra_agent_args(t: Topology) -> list[str]:
 
 
 def agent_argv(t: Topology, node: NodeSpec) -> list[str]:
+    return [sys.executable, "-m", "ztunnel", *run_args(t, node)]
+
+
+def run_args(t: Topology, node: NodeSpec) -> list[str]:
+    """The agent's command line after `ztunnel` (the same from the venv and in the image)."""
     d = lab_dir(t.lab_id)
     nd = d / node.name
     return [
-        sys.executable,
-        "-m",
-        "ztunnel",
         "run",
         "--capture",
         "ebpf",
@@ -185,14 +188,18 @@ def start_agent(t: Topology, node: NodeSpec, extra_args: Sequence[str] = ()) -> 
     nd = lab_dir(t.lab_id) / node.name
     nd.mkdir(parents=True, exist_ok=True)
     log = open(nd / "agent.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = topo.popen_in_netns(
-        node.netns,
-        [*agent_argv(t, node), *extra_args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    io: dict[str, Any] = {
+        "stdout": log,
+        "stderr": subprocess.STDOUT,
+        "stdin": subprocess.DEVNULL,
+        "start_new_session": True,
+    }
+    image = lab_image.load(t.lab_id)
+    if image is None:
+        proc = topo.popen_in_netns(node.netns, [*agent_argv(t, node), *extra_args], **io)
+    else:
+        args = [*run_args(t, node), *extra_args]
+        proc = lab_image.start_agent(t.lab_id, node, image, args, **io)
     log.close()
     (nd / "agent.pid").write_text(str(proc.pid))
     return proc.pid
@@ -250,6 +257,8 @@ def stop_agent(t: Topology, node: NodeSpec, timeout: float = 10.0) -> None:
         os.kill(pid, 9)
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
+    if lab_image.load(t.lab_id) is not None:
+        lab_image.remove_agent(t.lab_id, node.name)  # gone already unless podman was killed
 
 
 def start_apps(t: Topology, pod: PodSpec) -> None:
@@ -315,10 +324,12 @@ def up(
     istiod: bool = False,
     agent_args: tuple[str, ...] = (),
     before_agents: Callable[[Topology], None] | None = None,
+    image: lab_image.ImageOptions | None = None,
 ) -> Topology:
     """Builds and starts a lab. `agent_args` are extra `ztunnel run` flags for every agent;
     `before_agents` runs once the namespaces exist, before any agent starts (e.g. to put
-    another component's programs on the hooks first)."""
+    another component's programs on the hooks first); given `image`, the agents run from the
+    OCI image with podman instead of the venv."""
     if nodes < 1 or pods < 1:
         raise LabError("a lab needs at least one node and one pod per node")
     progress(f"creating {nodes} nodes x {pods} pods (network namespaces, veths, bridge)")
@@ -328,6 +339,8 @@ def up(
         d.mkdir(parents=True, exist_ok=True)
         CertificateAuthority.create("cluster.local").save(d / "ca")
         (d / "mesh.yaml").write_text(yaml.safe_dump(mesh_state(t), sort_keys=False))
+        if image is not None:
+            lab_image.save(t.lab_id, image)
         if istiod:
             progress("starting the test istiod in the lab network (xDS + CA on :15012)")
             istiod_lab.start(t)
@@ -337,7 +350,10 @@ def up(
         progress("starting applications in pods")
         for pod in t.pods():
             start_apps(t, pod)
-        progress("starting one node agent per node (compiles and attaches the BPF programs)")
+        progress(
+            "starting one node agent per node (compiles and attaches the BPF programs)"
+            + (f", from image {image.image}" if image else "")
+        )
         for node in t.nodes:
             start_agent(t, node)
         for node in t.nodes:
@@ -354,6 +370,7 @@ def up(
 def down(lab_id: str | None = None) -> list[str]:
     """Tear one lab down, or every lab (also leftovers of killed runs) when no id is given."""
     if lab_id is None:
+        lab_image.remove_lab_containers(None)
         removed = topo.cleanup_all()
         for p in topo.STATE_DIR.glob("zt??????"):
             if p.is_dir() and topo.LAB_ID_RE.match(p.name):
@@ -363,6 +380,7 @@ def down(lab_id: str | None = None) -> list[str]:
         t = topo.load(lab_id)
         for node in t.nodes:
             stop_agent(t, node)
+    lab_image.remove_lab_containers(lab_id)
     topo.teardown(f"{lab_id}-")
     subprocess.run(["rm", "-rf", str(lab_dir(lab_id))], check=False)
     return [lab_id]
@@ -454,7 +472,8 @@ def print_status() -> int:
         except LabError as e:
             print(f"{lab_id}: unreadable ({e})")
             continue
-        print(f"lab {lab_id}:")
+        image = lab_image.load(lab_id)
+        print(f"lab {lab_id}:" + (f" agents from image {image.image}" if image else ""))
         for node in t.nodes:
             pidf = lab_dir(lab_id) / node.name / "agent.pid"
             pid = int(pidf.read_text()) if pidf.exists() else 0

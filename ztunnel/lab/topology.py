@@ -301,10 +301,12 @@ def write_sysctls(netns: str, values: dict[str, str]) -> None:
 # --- building and tearing down --------------------------------------------------------------
 
 
-def _run(argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: Sequence[str], timeout: float = 30.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     try:
         done = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False, env=env
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise LabError(f"{' '.join(argv)}: {exc}") from exc
@@ -410,24 +412,28 @@ def _build(topo: Topology) -> None:
             net, f"link add name {node.bridge_port} type veth peer name {uplink} netns {node.netns}"
         )
         _ip(net, f"link set {node.bridge_port} master {topo.bridge} up")
-        _ip(node.netns, f"addr add {node.ip}/{NODE_NETWORK.prefixlen} dev {uplink}")
-        _ip(node.netns, f"link set {uplink} up")
-        for pod in node.pods:
-            _add_netns(pod.netns, _BASE_SYSCTLS)
-            host = pod.host_ifname
-            _ip(
-                node.netns,
-                f"link add name {host} type veth peer name {pod.ifname} netns {pod.netns}",
-            )
-            _ip(node.netns, f"link set {host} up")
-            _ip(pod.netns, f"addr add {pod.ip}/32 dev {pod.ifname}")
-            _ip(pod.netns, f"link set {pod.ifname} up")
-            # The node address answers ARP on the veth (arp_ignore=0), so it is the gateway.
-            _ip(pod.netns, f"route add default via {node.ip} dev {pod.ifname} onlink")
-            _ip(node.netns, f"route add {pod.ip}/32 dev {host}")
-        for other in topo.nodes:
-            if other is not node:
-                _ip(node.netns, f"route add {other.pod_cidr} via {other.ip} dev {uplink}")
+        build_node(topo, node)
+
+
+def build_node(topo: Topology, node: NodeSpec) -> None:
+    """Addresses the node's uplink (already in its namespace), makes its pods and the routes
+    to the other nodes' pods (also used by `ztunnel.lab.machines`, whose uplink is a NIC)."""
+    uplink = node.uplink_ifname
+    _ip(node.netns, f"addr add {node.ip}/{NODE_NETWORK.prefixlen} dev {uplink}")
+    _ip(node.netns, f"link set {uplink} up")
+    for pod in node.pods:
+        _add_netns(pod.netns, _BASE_SYSCTLS)
+        host = pod.host_ifname
+        _ip(node.netns, f"link add name {host} type veth peer name {pod.ifname} netns {pod.netns}")
+        _ip(node.netns, f"link set {host} up")
+        _ip(pod.netns, f"addr add {pod.ip}/32 dev {pod.ifname}")
+        _ip(pod.netns, f"link set {pod.ifname} up")
+        # The node address answers ARP on the veth (arp_ignore=0), so it is the gateway.
+        _ip(pod.netns, f"route add default via {node.ip} dev {pod.ifname} onlink")
+        _ip(node.netns, f"route add {pod.ip}/32 dev {host}")
+    for other in topo.nodes:
+        if other is not node:
+            _ip(node.netns, f"route add {other.pod_cidr} via {other.ip} dev {uplink}")
 
 
 def load(lab_id: str) -> Topology:

@@ -272,3 +272,29 @@ def test_many_concurrent_watches_end_when_the_server_stops(kubeapi: Api) -> None
     for t in threads:
         t.join(10)
     assert len(done) == 10
+
+
+def test_pod_status_patch_changes_status_labels_and_annotations_but_not_the_spec(
+    kubeapi: Api,
+) -> None:
+    """As the real API's pod status strategy: istio-cni (and our controller) annotate pods
+    through pods/status, which RBAC can grant without the pod itself."""
+    kubeapi.namespace("shop")
+    kubeapi.pod("shop", "echo-1", labels={"app": "echo"})
+    api = core(kubeapi)
+    before = api.read_namespaced_pod("echo-1", "shop").spec.node_name
+    api.patch_namespaced_pod_status(
+        "echo-1",
+        "shop",
+        {
+            "metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}},
+            "spec": {"nodeName": "elsewhere"},
+            "status": {"phase": "Running"},
+        },
+        _content_type="application/merge-patch+json",
+    )
+    pod = kubeapi.store.get(PODS, "shop", "echo-1")
+    assert pod["metadata"]["annotations"] == {"ambient.istio.io/redirection": "enabled"}
+    assert pod["metadata"]["labels"] == {"app": "echo"}
+    assert pod["status"]["phase"] == "Running"
+    assert pod["spec"].get("nodeName") == before
