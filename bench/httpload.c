@@ -1,6 +1,6 @@
 /* zbench-httpload: the HTTP/1.1 load generator of the L7 benchmark (waypoint vs nginx vs
  * HAProxy). C so that the client is never the bottleneck; compiled at run time by
- * `ztunnel.bench.l7` with `gcc -O2`. Prints one JSON object; bounded by its duration.
+ * `bench.l7` with `gcc -O2`. Prints one JSON object; bounded by its duration.
  *
  *   httpload --host H --port P --conns C --duration S [--path /x] [--authority A]
  *

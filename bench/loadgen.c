@@ -1,7 +1,7 @@
 /* zbench-loadgen: the request/response server and load generator of the benchmark suite.
  *
  * A C program so that the generator is never the bottleneck (a Python client would be).
- * Compiled at run time by `ztunnel.bench` with `gcc -O2`; every mode prints one JSON object
+ * Compiled at run time by `bench` with `gcc -O2`; every mode prints one JSON object
  * on stdout and every loop is bounded by a duration or a count.
  *
  * Wire protocol (ours): a request is an 8-byte header {u32 request_len, u32 response_len}

@@ -497,6 +497,8 @@ def readiness_pending(agent: AgentView) -> list[str]:
     snap = capture_snapshot(agent)
     if snap is not None:
         out += capture_readiness(snap)[0]
+    if (workers := getattr(agent, "workers", None)) is not None:
+        out += workers.pending()  # ztunnel.workers: every worker has served once
     return out
 
 
@@ -507,7 +509,7 @@ def config_dump(agent: AgentView) -> dict[str, Any]:
     live = sorted(agent.tracker.live.values(), key=lambda r: r.id)
     pending = readiness_pending(agent)
     snap = capture_snapshot(agent)
-    return {
+    dump = {
         "node": s.node_name,
         "version": agent_version(),
         "trust_domain": s.trust_domain,
@@ -535,6 +537,9 @@ def config_dump(agent: AgentView) -> dict[str, Any]:
             "live": [connection_json(r, now) for r in live],
         },
     }
+    if (workers := getattr(agent, "workers", None)) is not None:
+        workers.extend_dump(dump)  # ztunnel.workers: their connections, their processes
+    return dump
 
 
 # ---- endpoints ----
@@ -571,6 +576,8 @@ def admin_routes(agent: AgentView) -> dict[str, Route]:
         if level.lower() not in LOG_LEVELS:
             raise HttpError(400, f"unknown log level {level!r}; one of {', '.join(LOG_LEVELS)}")
         logs.set_level(level)
+        if (workers := getattr(agent, "workers", None)) is not None:
+            workers.set_log_level(level)
         log.warning("log level changed to %s through the admin API", _current_level())
         return text(200, f"current log level is {_current_level()}")
 

@@ -46,6 +46,7 @@ from ztunnel.telemetry.protection import ProtectionMetrics
 if TYPE_CHECKING:
     from ztunnel.capture_report import CaptureSnapshot
     from ztunnel.kernel_capture import KernelCapture
+    from ztunnel.workers.supervisor import WorkerPool
     from ztunnel.xds.control import ControlPlane
 
 log = logging.getLogger("ztunnel")
@@ -53,7 +54,7 @@ log = logging.getLogger("ztunnel")
 # Capture modes with transparent 0.0.0.0 listeners on 15001/15006/15008. `tproxy` is `ebpf`
 # without the BPF side: the node's TPROXY rules and its `ip rule fwmark` local-delivery route
 # (the same mark and table as the eBPF capture) are installed by someone else, e.g. the
-# benchmark (`ztunnel.bench`), to compare the two capture paths.
+# benchmark (`bench/`), to compare the two capture paths.
 TRANSPARENT_CAPTURES = ("ebpf", "tproxy")
 # The local-delivery mark of tproxy mode: the eBPF capture's (capture.config.DEFAULT_MARK),
 # repeated so that tproxy mode never imports the capture package.
@@ -75,6 +76,10 @@ class AgentParts:
     observer: Observer | None = None
     certificate_source: CertificateSource | None = None
     on_state: list[Callable[[MeshState, MeshState], None]] = field(default_factory=list)
+    # Worker processes (ztunnel.workers): who makes the listener sockets (kind, ip, port,
+    # transparent), and what else drains with the agent (given the grace period).
+    listen: Callable[[str, str, int, bool], socket.socket] | None = None
+    on_drain: list[Callable[[float], Awaitable[None]]] = field(default_factory=list)
 
 
 def _ip(value: str) -> IPAddress:
@@ -116,6 +121,8 @@ class Agent:
         self.pool: HbonePool
         self.ctx: ProxyContext
         self.hbone: HboneServer
+        # The agent's worker processes (ztunnel.workers), when it runs more than one.
+        self.workers: WorkerPool | None = None
 
     def _certificate_source(self) -> CertificateSource:
         s = self.settings
@@ -366,7 +373,10 @@ class Agent:
         if key in self.listeners:
             return
         try:
-            sock = listen(ip, port, transparent)
+            if self._parts.listen is not None:
+                sock = self._parts.listen(kind, ip, port, transparent)
+            else:
+                sock = listen(ip, port, transparent)
         except OSError as e:
             log.error("%s listener: %s", kind, e.strerror)
             if kind == "socks5" or transparent:
@@ -456,7 +466,11 @@ class Agent:
             self._close_listener(key)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        await asyncio.gather(self.hbone.drain(grace), self.pool.close(grace))
+        await asyncio.gather(
+            self.hbone.drain(grace),
+            self.pool.close(grace),
+            *(drain(grace) for drain in self._parts.on_drain),
+        )
         await self.tracker.wait_empty(deadline - loop.time())
         for rec in list(self.tracker.live.values()):
             rec.close("agent shutting down")

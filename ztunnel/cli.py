@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from ztunnel import config, ctl, logs
@@ -28,6 +29,12 @@ def _run(args: argparse.Namespace) -> int:
     from ztunnel.app import Agent
 
     async def main() -> int:
+        if settings.workers != 1:  # worker processes (ztunnel.workers), unless one it is
+            from ztunnel.workers.supervisor import run_workers
+
+            rc = await run_workers(settings)
+            if rc is not None:
+                return rc
         agent = Agent(settings)
         agent.load_state()
         await agent.start()
@@ -216,15 +223,42 @@ def build_parser() -> argparse.ArgumentParser:
     down = lab_sub.add_parser("down", help="remove labs (all, also leftovers of killed runs)")
     down.add_argument("--lab", default=None, help="only this lab id")
     lab.set_defaults(func=_lab)
-    # `ztunnel bench`: the benchmark suite (ztunnel.bench), registered by its own module.
-    from ztunnel.bench import command as bench_command
-
-    bench_command.add_parser(sub)
+    # `ztunnel bench`: the benchmark suite lives in the source tree (the top-level `bench`
+    # package, not shipped in the agent's wheel); its module registers the command.
+    _add_bench_parser(sub)
     # `ztunnel waypoint run`: the L7 proxy (waypoint package), registered by its own module.
     from waypoint import cli as waypoint_cli
 
     waypoint_cli.add_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub: Any) -> None:
+    """Register `ztunnel bench` from the checkout's `bench` package (stdlib-only at import; the
+    suite itself is imported when the command runs), or a stub that says where it lives."""
+    # Run from a checkout (editable install, `ztunnel` console script anywhere): the checkout's
+    # root holds `bench/`; appended, so it shadows nothing.
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "bench" / "__init__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))
+    try:
+        from bench import command as bench_command
+    except ModuleNotFoundError as e:
+        if e.name != "bench":
+            raise
+
+        def _missing(_args: argparse.Namespace) -> int:
+            print(
+                "ztunnel bench: the benchmark suite is part of the source checkout (bench/), "
+                "not of the installed agent; run `sudo bench/run.sh` in the checkout",
+                file=sys.stderr,
+            )
+            return 2
+
+        p = sub.add_parser("bench", help="benchmarks (source checkout only: bench/run.sh)")
+        p.set_defaults(func=_missing)
+        return
+    bench_command.add_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

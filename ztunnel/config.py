@@ -74,6 +74,8 @@ class Settings:
     h2_max_resets: int = 200
     h2_max_control_frames: int = 1000
     h2_max_header_list_size: int = 16384
+    # Worker processes sharing the listeners (ztunnel.workers); 0: the CPUs the agent may use
+    workers: int = 0
 
     @property
     def own_ports(self) -> frozenset[int]:
@@ -343,6 +345,12 @@ _SPEC: list[tuple[str, str, str, str]] = [
         "ZTUNNEL_H2_MAX_HEADER_LIST_SIZE",
         "bytes of one HBONE request's or response's header block",
     ),
+    (
+        "workers",
+        "--workers",
+        "ZTUNNEL_WORKERS",
+        "worker processes sharing the listeners (ebpf/tproxy capture); 0 = the CPUs the agent may use (CPU affinity, cgroup cpu.max quota)",
+    ),
 ]
 
 # Further environment variables for a setting, tried before the main one (Istio's ztunnel
@@ -495,6 +503,8 @@ def validate(s: Settings) -> None:
             raise ConfigError("settings", name, "must be positive")
     validate_capture(s)
     validate_limits(s)
+    if not 0 <= s.workers <= 1024:
+        raise ConfigError("settings", "workers", "must be 0 (automatic) or 1..1024")
 
 
 def validate_capture(s: Settings) -> None:

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
 def test_l7_section_measures_every_path(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("the benchmark needs root (network namespaces, eBPF)")
-    from ztunnel.bench import l7
+    from bench import l7
     from ztunnel.lab import topology
 
     res = l7.run(1, 0.3, tmp_path, lambda _m: None, conns=4)

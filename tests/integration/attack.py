@@ -29,8 +29,8 @@ from typing import Any
 import hpack
 import yaml
 
+from bench.procstat import cpu_seconds, rss_bytes
 from tests.h2wire import frame
-from ztunnel.bench.procstat import cpu_seconds, rss_bytes
 from ztunnel.ca import CertificateAuthority, IssuedCertificate
 from ztunnel.hbone.headers import ConnectRequest
 from ztunnel.hbone.pool import HbonePool, PoolKey

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from ztunnel.bench import tools
-from ztunnel.bench.labs import LOAD_SYSCTLS
-from ztunnel.bench.procstat import rss_bytes
+from bench import tools
+from bench.labs import LOAD_SYSCTLS
+from bench.procstat import rss_bytes
 from ztunnel.lab import runner
 from ztunnel.lab import topology as topo
 from ztunnel.lab.topology import NodeSpec, Topology

@@ -20,12 +20,17 @@ SOL_IPV6 = 41  # SOL_IPV6 is missing from typeshed on some versions
 IP_FREEBIND = 15
 
 
-def listen(ip: str, port: int, transparent: bool = False, backlog: int = 4096) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket; OSError names the address on failure."""
+def listen(
+    ip: str, port: int, transparent: bool = False, backlog: int = 4096, reuseport: bool = False
+) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket; OSError names the address on failure.
+    `reuseport`: a member of a SO_REUSEPORT group (ztunnel.workers)."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
             if family == socket.AF_INET6:
                 sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)

@@ -13,8 +13,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
-README = Path(__file__).resolve().parents[2] / "README.md"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def add_parser(sub: Any) -> None:
@@ -42,7 +42,14 @@ def add_parser(sub: Any) -> None:
         "--scenarios",
         default=None,
         help="comma-separated subset of: direct, direct-same, stunnel, mesh, "
-        "mesh-same, tproxy, tproxy-same, mesh-asyncio",
+        "mesh-same, tproxy, tproxy-same, mesh-workers, mesh-asyncio",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes per agent in the mesh-workers scenario (default: the usable "
+        "CPUs, at least 2)",
     )
     p.add_argument("--rate", type=float, default=None, help="req/s of the latency test")
     p.add_argument(
@@ -78,7 +85,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _plan(args: argparse.Namespace) -> Any:
-    from ztunnel.bench.suite import SCENARIOS, Plan
+    from bench.suite import SCENARIOS, Plan
 
     plan = Plan.quick_plan() if args.quick else Plan()
     changes: dict[str, Any] = {}
@@ -109,6 +116,10 @@ def _plan(args: argparse.Namespace) -> Any:
             changes["memory_scenarios"] = ()
     if args.profile:
         changes["profile"] = True
+    if getattr(args, "workers", None) is not None:
+        if not 2 <= args.workers <= 64:
+            raise ValueError("--workers must be 2..64")
+        changes["workers"] = args.workers
     if getattr(args, "l7", None) is not None:
         changes["l7"] = args.l7
     return dataclasses.replace(plan, **changes)
@@ -119,8 +130,8 @@ def _on_sigterm(_sig: int, _frame: FrameType | None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ztunnel.bench import report
-    from ztunnel.bench.suite import Run
+    from bench import report
+    from bench.suite import Run
     from ztunnel.errors import ZtunnelError
 
     if os.geteuid() != 0:
@@ -172,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(text)
     if "l7" in results:
-        from ztunnel.bench import l7
+        from bench import l7
 
         print("\nL7 (waypoint vs nginx vs HAProxy):\n" + l7.table(results["l7"]))
     print(
@@ -183,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
     if write_readme and not failed and results["summary"]:
         report.update_readme(README, report.readme_section(results))
         if "l7" in results:
-            from ztunnel.bench import l7
+            from bench import l7
 
             l7.update_readme(README, results["l7"])
         print(f"updated the Benchmarks section of {README}")

@@ -3,6 +3,7 @@ resident memory; and the description of the machine a run was made on."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -28,6 +29,44 @@ def cpu_seconds(pid: int) -> float:
     # The command name (field 2) may contain spaces; everything after its ')' is fixed.
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (an agent and its worker processes), from /proc."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of `pid` and of each of its descendants still there (by pid)."""
+    out = {pid: cpu_seconds(pid)}
+    for p in descendants(pid)[1:]:
+        with contextlib.suppress(ProcessGone):
+            out[p] = cpu_seconds(p)
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` and its descendants, summed (separate interpreters: the
+    pages they share are the read-only ones of the binary and libraries)."""
+    total = rss_bytes(pid)
+    for p in descendants(pid)[1:]:
+        with contextlib.suppress(ProcessGone):
+            total += rss_bytes(p)
+    return total
 
 
 def rss_bytes(pid: int) -> int:
@@ -65,15 +104,16 @@ class CpuWindow:
     """CPU time of a set of named processes over a wall-clock interval."""
 
     start_wall: float
-    start_cpu: dict[str, float]
+    start_cpu: dict[str, dict[int, float]]
     pids: dict[str, int]
     start_system: tuple[int, int] = (0, 0)
 
     @classmethod
     def open(cls, pids: Mapping[str, int]) -> CpuWindow:
+        """Each named process counts with its descendants (an agent's worker processes)."""
         return cls(
             time.monotonic(),
-            {k: cpu_seconds(p) for k, p in pids.items()},
+            {k: tree_cpu_seconds(p) for k, p in pids.items()},
             dict(pids),
             _system_ticks(),
         )
@@ -92,13 +132,18 @@ class CpuWindow:
     def close(self) -> dict[str, float]:
         """vCPU used by each process over the window (1.0 = one core busy all the time)."""
         wall = max(time.monotonic() - self.start_wall, 1e-6)
-        return {
-            k: round((cpu_seconds(p) - self.start_cpu[k]) / wall, 4) for k, p in self.pids.items()
-        }
+        out = {}
+        for k, pid in self.pids.items():
+            now, then = tree_cpu_seconds(pid), self.start_cpu[k]
+            # A worker restarted within the window counts from its start.
+            used = sum(v - then.get(p, 0.0) for p, v in now.items())
+            out[k] = round(used / wall, 4)
+        return out
 
 
 def rss_of(pids: Mapping[str, int]) -> dict[str, int]:
-    return {k: rss_bytes(p) for k, p in pids.items()}
+    """RSS of each named process with its descendants."""
+    return {k: tree_rss_bytes(p) for k, p in pids.items()}
 
 
 def _cpu_model() -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from ztunnel.errors import ZtunnelError
 from ztunnel.lab import topology as topo
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 LOADGEN_SOURCE = REPO_ROOT / "bench" / "loadgen.c"
 # Client processes get this long beyond their own duration before they are killed (iperf3
 # ends within a second of its -t; a tunnel that stalls must not cost much of a run).

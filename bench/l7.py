@@ -31,14 +31,14 @@ from typing import Any
 
 import yaml
 
-from ztunnel.bench.procstat import ProcessGone, cpu_seconds
-from ztunnel.bench.tools import BenchError, Processes, wait_port
+from bench.procstat import ProcessGone, cpu_seconds
+from bench.tools import BenchError, Processes, wait_port
 from ztunnel.lab import runner
 from ztunnel.lab import topology as topo
 from ztunnel.lab import waypoint as waypoint_lab
 from ztunnel.lab.topology import Topology
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
 SOURCE = ROOT / "bench" / "httpload.c"
 BACKEND_PORT = 9080
 NGINX_PORT = 8081
@@ -413,9 +413,9 @@ def update_readme(readme: Path, res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ztunnel.bench.l7`: only the L7 section (as root), e.g. after a waypoint
+    """`python -m bench.l7`: only the L7 section (as root), e.g. after a waypoint
     change; `ztunnel bench` runs it after the L4 suite."""
-    ap = argparse.ArgumentParser(prog="python -m ztunnel.bench.l7", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m bench.l7", description=main.__doc__)
     ap.add_argument("--reps", type=int, default=3, help="repetitions (medians over them)")
     ap.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
     ap.add_argument("--conns", type=int, default=16, help="connections of the rate test")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from bench import tools
+from bench.tools import BenchError, LoadGen, Processes, StunnelService
 from ztunnel.app import TPROXY_LOCAL_MARK
-from ztunnel.bench import tools
-from ztunnel.bench.tools import BenchError, LoadGen, Processes, StunnelService
 from ztunnel.ca import CertificateAuthority, write_workload_files
 from ztunnel.identity import SpiffeId
 from ztunnel.lab import runner
@@ -55,6 +55,7 @@ class BenchLab:
     event_loop: str
     topology: Topology
     workdir: Path
+    workers: int = 1  # worker processes per agent (ztunnel run --workers)
     processes: Processes = field(default_factory=Processes)
     agents: dict[str, int] = field(default_factory=dict)  # node name -> agent pid
     stunnel: dict[str, int] = field(default_factory=dict)  # "client"/"server" -> pid
@@ -87,11 +88,14 @@ class BenchLab:
             runner.down(self.topology.lab_id)
 
 
-def _start_agent(t: Topology, node: NodeSpec, capture: str, event_loop: str) -> int:
-    """runner.start_agent with our capture mode and event loop (same files, same pid file)."""
+def _start_agent(
+    t: Topology, node: NodeSpec, capture: str, event_loop: str, workers: int = 1
+) -> int:
+    """runner.start_agent with our capture mode, event loop and worker processes (same files,
+    same pid file)."""
     argv = runner.agent_argv(t, node)
     argv[argv.index("--capture") + 1] = capture
-    argv += ["--event-loop", event_loop]
+    argv += ["--event-loop", event_loop, "--workers", str(workers)]
     nd = runner.lab_dir(t.lab_id) / node.name
     nd.mkdir(parents=True, exist_ok=True)
     with open(nd / "agent.log", "ab") as log:
@@ -191,11 +195,12 @@ def build(
     loadgen: LoadGen,
     progress: runner.Progress,
     failure_logs: Path,
+    workers: int = 1,
 ) -> BenchLab:
     """A fresh lab with servers running (and agents, stunnel or rules as its kind needs)."""
     t = topo.create(2, 2)
     workdir = runner.lab_dir(t.lab_id) / "bench"
-    lab = BenchLab(name, capture, event_loop, t, workdir)
+    lab = BenchLab(name, capture, event_loop, t, workdir, workers=workers)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         for ns in [t.network_netns, *(n.netns for n in t.nodes), *(p.netns for p in t.pods())]:
@@ -205,7 +210,7 @@ def build(
             CertificateAuthority.create("cluster.local").save(d / "ca")
             (d / "mesh.yaml").write_text(yaml.safe_dump(runner.mesh_state(t), sort_keys=False))
             for node in t.nodes:
-                lab.agents[node.name] = _start_agent(t, node, capture, event_loop)
+                lab.agents[node.name] = _start_agent(t, node, capture, event_loop, workers)
             for node in t.nodes:
                 runner.wait_agent(t, node)
             if capture == "ebpf":
@@ -222,7 +227,7 @@ def build(
         progress(
             f"lab {name} ({t.lab_id}) is up"
             + (
-                f": agents {capture}/{event_loop}, pids "
+                f": agents {capture}/{event_loop}/{workers} worker(s), pids "
                 + ", ".join(f"{k}={v}" for k, v in lab.agents.items())
                 if capture
                 else ": no mesh; stunnel pids "

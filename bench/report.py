@@ -44,9 +44,12 @@ def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "p99 us",
         "+p50 us",
         "conn/s",
+        "storm conn/s",
         "vCPU/1k req/s",
         "bulk1 vs stunnel",
+        "req/s vs stunnel",
         "conn/s vs stunnel",
+        "storm vs stunnel",
     ]
     out = []
     for name in results["plan"]["scenarios"]:
@@ -65,9 +68,12 @@ def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _fmt(s.get("lat_p99_us"), ".0f"),
                 _fmt(r.get("added_p50_us"), "+.0f"),
                 _fmt(s.get("cps"), ",.0f"),
+                _fmt(s.get("storm_cps"), ",.0f"),
                 _agent_cpu(s),
                 _x(r.get("bulk1_gbps_vs_stunnel")),
+                _x(r.get("rr_max_rps_vs_stunnel")),
                 _x(r.get("cps_vs_stunnel")),
+                _x(r.get("storm_cps_vs_stunnel")),
             ]
         )
     return header, out
@@ -122,6 +128,16 @@ def memory_lines(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def machine_load_line(results: dict[str, Any]) -> str:
+    """How busy the machine was while each scenario ran (medians over its measurements)."""
+    parts = [
+        f"{name} {_fmt(s.get('machine_busy_vcpu'))}/{_fmt(s.get('machine_steal_vcpu'))}"
+        for name, s in results["summary"].items()
+    ]
+    cores = results["machine"].get("cores", "?")
+    return f"machine busy/steal vCPU during the measurements (of {cores}): " + ", ".join(parts)
+
+
 def capture_lines(results: dict[str, Any]) -> list[str]:
     out = []
     for k, c in results.get("capture_comparison", {}).items():
@@ -153,6 +169,8 @@ def target_lines(results: dict[str, Any]) -> list[str]:
     out = []
     for t in results.get("targets", []):
         mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        if t["met"] is None and t["goal"] == "-":
+            mark = "recorded"
         v = t["value"]
         if isinstance(v, dict):
             v = ", ".join(f"{k} {_fmt(x, '.3g')}" for k, x in v.items())
@@ -183,6 +201,7 @@ def terminal(results: dict[str, Any]) -> str:
         "",
         text_table(header, body),
         "",
+        machine_load_line(results),
         *capture_lines(results),
         *memory_lines(results),
         "",
@@ -223,11 +242,13 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ("bulk8_gbps", "bulk, 8 connections (Gbit/s)"),
         ("rr_max_rps", "requests/s, max (persistent)"),
         ("cps", "new connections/s"),
+        ("storm_cps", "connection storm: new connections/s"),
         ("lat_p50_us", f"p50 latency at {results['plan']['fixed_rate']:.0f} req/s (us)"),
         ("lat_p99_us", f"p99 latency at {results['plan']['fixed_rate']:.0f} req/s (us)"),
+        ("storm_p99_us", "connection storm: p99 (us)"),
     ]
     colours = {"direct": "#4c72b0", "stunnel": "#dd8452", "mesh": "#55a868"}
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(19, 8))
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
         vals = [summary[n].get(key) or 0.0 for n in names]
         cols = [colours.get(results["scenarios"][n]["via"], "#888888") for n in names]
@@ -264,12 +285,23 @@ def readme_section(results: dict[str, Any]) -> str:
             f"requests = our C generator (`bench/loadgen.c`), 1 KiB request / 1 KiB response, "
             f"max over {p['rr_conns']} persistent connections and latency at a fixed "
             f"{p['fixed_rate']:.0f} req/s; conn/s = connect, one request, close "
-            f"({p['cps_conns']} at a time); +p50 = latency added to direct; vCPU/1k req/s = CPU of "
-            "each agent (source / destination) or stunnel process at the fixed rate.",
+            f"({p['cps_conns']} at a time); storm = the same with {p.get('storm_conns', '-')} "
+            "at a time (a connection storm); +p50 = latency added to direct; vCPU/1k req/s = "
+            "CPU of each agent (source / destination, with its worker processes) or stunnel "
+            "process at the fixed rate. mesh-workers = the agents with one worker process per "
+            "usable CPU (`--workers`, the default of `ztunnel run`); the other mesh rows run "
+            "one process per agent.",
             "",
             markdown_table(header, body),
             "",
-            *("- " + line for line in capture_lines(results) + memory_lines(results)),
+            *(
+                "- " + line
+                for line in [
+                    machine_load_line(results),
+                    *capture_lines(results),
+                    *memory_lines(results),
+                ]
+            ),
             "",
             "Targets:",
             "",
@@ -319,4 +351,7 @@ HBONE, cross node and same node) and **tproxy** (the same agents with nftables T
 instead of eBPF). About 7 minutes; `--quick` is a smoke run under a minute. It prints the
 table, writes `bench/results/latest.json` (every figure, every repetition, the machine) and
 `bench/results/latest.png`, and rewrites the block below. `--profile` adds py-spy profiles of
-the agents under bulk and new-connection load (needs `pip install py-spy` in the venv)."""
+the agents under bulk and new-connection load (needs `pip install py-spy` in the venv).
+**mesh-workers** runs the agents with one worker process per usable CPU (the default of
+`ztunnel run`; the other mesh rows pin `--workers 1`), and every scenario also takes a
+**connection storm** (many short connections at once)."""

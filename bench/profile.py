@@ -46,12 +46,12 @@ def start(pid: int, seconds: float, out: Path, native: bool = False) -> subproce
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+_PACKAGE_DIR = Path(__file__).resolve().parents[1] / "ztunnel"
 
 
 def _ztunnel_file(name: str) -> str | None:
     """py-spy names some files by their bare name (`connection.py`): find ours, if unique."""
-    found = [p for p in _PACKAGE_DIR.rglob(name) if "bench" not in p.parts]
+    found = list(_PACKAGE_DIR.rglob(name))
     if len(found) == 1:
         return "ztunnel/" + found[0].relative_to(_PACKAGE_DIR).as_posix()
     return None
