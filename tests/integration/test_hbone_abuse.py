@@ -3,7 +3,7 @@
 Each test states its bound: the attacker is cut off (GOAWAY ENHANCE_YOUR_CALM, or its
 connections closed) within it, the agent's RSS and CPU stay within it, and a legitimate HBONE
 call (a new TLS connection, CONNECT, an echoed message) made during and right after the
-attack succeeds within a second. The victim is a `ztunnel run` process of its own, so the RSS
+attack succeeds within LEGIT_BUDGET. The victim is a `ztunnel run` process of its own, so the RSS
 and CPU measured are the agent's alone; attackers run in a process of their own.
 """
 
@@ -37,7 +37,10 @@ from ztunnel.testing import EchoServer, async_wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 MB = 1024 * 1024
-LEGIT_BUDGET = 1.0  # seconds for a whole legitimate call, during and after every attack
+# Seconds for a whole legitimate call (new TLS connection, CONNECT, echo), during and after
+# every attack. An unprotected agent is starved for the whole attack (8 s and more); 3 s leaves
+# room for a 2-core CI machine that also runs the attacker (1 s failed there under load).
+LEGIT_BUDGET = 3.0
 
 
 async def make_victim(tmp_path: Path, *flags: str) -> Victim:
