@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
+from ztunnel.config import convert_value
 from ztunnel.errors import ConfigError
 from ztunnel.identity import DEFAULT_TRUST_DOMAIN
 
@@ -192,7 +193,6 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
     env = dict(os.environ) if env is None else env
     defaults = WaypointSettings()
     values: dict[str, Any] = {}
-    types = {f.name: f for f in fields(WaypointSettings)}
     for name, flag, var, _ in _SPEC:
         raw: Any = getattr(args, name, None)
         where = flag
@@ -201,22 +201,13 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
         if raw is None:
             continue
         d = getattr(defaults, name)
-        try:
-            if isinstance(d, tuple):
-                items = raw if isinstance(raw, list) else str(raw).split(",")
-                values[name] = tuple(s.strip() for s in items if s.strip())
-            elif isinstance(d, bool):
-                values[name] = (
-                    raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
-                )
-            elif isinstance(d, int):
-                values[name] = int(raw)
-            elif isinstance(d, float):
-                values[name] = float(raw)
-            else:
-                values[name] = str(raw)
-        except ValueError:
-            raise ConfigError(where, "", f"not a valid {types[name].type}: {raw!r}") from None
+        if isinstance(d, tuple):
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            values[name] = tuple(s.strip() for s in items if s.strip())
+        elif isinstance(raw, bool):  # a store_true flag
+            values[name] = raw
+        else:
+            values[name] = convert_value(name, str(raw), type(d), where)
     s = WaypointSettings(**values)
     if s.waypoint_for not in ("service", "workload", "all", "none"):
         raise ConfigError("--waypoint-for", "", "must be service, workload, all or none")

@@ -381,7 +381,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def _convert(name: str, raw: str, kind: type, where: str) -> Any:
+def convert_value(name: str, raw: str, kind: type, where: str) -> Any:
+    """One flag or environment value as the type of its setting's default (bool, int, float,
+    str); `where` names the flag or variable in the error. Shared with the waypoint's settings."""
     try:
         if kind is bool:
             v = raw.strip().lower()
@@ -415,7 +417,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
                 raw, where = environ[name_env], f"environment variable {name_env}"
         if raw is None:
             continue
-        values[name] = _convert(name, str(raw), kind, where)
+        values[name] = convert_value(name, str(raw), kind, where)
         origins[name] = where
     assert set(values) <= set(by_name)
     s = Settings(**values)
